@@ -1,0 +1,643 @@
+"""
+Every declared interface of piccolod, the value types they speak, and the
+typed errors they document (re-exported from :mod:`piccolod.errors`).
+
+Interface methods have no ``self`` and are fully annotated (mypy-zope reads
+them as base classes).  Each docstring says what a returned Deferred fires
+with and which typed errors it fails with.  Implementers are listed in
+``tests/unit/test_interfaces.py``, which checks them with ``verifyObject``
+and compares parameter names.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+import attrs
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+from piccolod.commands import Command, CommandContext, Result
+from piccolod.errors import (
+    CommandTimeout,
+    ConfigError,
+    Conflict,
+    DuplicateRegistration,
+    IllegalTransition,
+    InvalidCommand,
+    Locked,
+    NotFound,
+    NotLeader,
+    NotReady,
+    PiccolodError,
+    PolicyDenied,
+    QuotaExceeded,
+    RateLimited,
+    StaleTerm,
+    SubsystemFailed,
+    TooLarge,
+    TransientError,
+    Unauthorized,
+    Unavailable,
+    UnknownCommand,
+)
+from piccolod.events import ChildState, Envelope, Event, HealthLevel, Role
+
+if TYPE_CHECKING:
+    from twisted.application.service import IService
+
+#: What a handler, subscriber or reconciler may return: a plain value, a
+#: Deferred or a coroutine.  The kernel normalises all three.
+MaybeAsync = Union[Any, Deferred[Any], Awaitable[Any]]
+
+
+# ==========================================================================
+# Event bus
+
+
+class Overflow(enum.Enum):
+    """What a subscriber's full queue does with a new event."""
+
+    DROP_OLDEST = "drop-oldest"  #: evict the oldest queued event
+    DROP_NEWEST = "drop-newest"  #: refuse the new event
+    COALESCE = "coalesce"  #: keep only the latest event per ``event.key()``
+
+
+@attrs.frozen
+class SubscriptionStats:
+    """Counters of one subscription (all monotonic but ``queued``)."""
+
+    name: str
+    pattern: str
+    queued: int
+    max_queue: int
+    overflow: Overflow
+    delivered: int
+    dropped: int
+    filtered: int
+    failed: int
+    coalesced: int
+
+
+@attrs.frozen
+class TopicStats:
+    """Counters of one topic."""
+
+    topic: str
+    published: int
+    delivered: int
+    dropped: int
+    failed: int
+
+
+class ISubscription(Interface):
+    """A live subscription to a topic pattern."""
+
+    pattern: str = Attribute("The topic pattern subscribed to.")
+    name: str = Attribute("A name for stats and logs (defaults to the handler's).")
+    active: bool = Attribute("False once cancelled.")
+
+    def cancel() -> Deferred[None]:
+        """
+        Stop receiving events; idempotent.  Queued events are discarded
+        (counted as dropped).  Fires with ``None`` once any in-flight
+        delivery has finished.
+        """
+
+    def stats() -> SubscriptionStats:
+        """This subscription's counters."""
+
+
+Handler = Callable[[Envelope[Any]], MaybeAsync]
+EventFilter = Callable[[Envelope[Any]], bool]
+
+
+class IEventBus(Interface):
+    """
+    Topic-based publish/subscribe for facts that happened.
+
+    Topic patterns: an exact dotted topic (``persistence.lock_state``),
+    ``*`` for exactly one segment (``persistence.*``), and ``#`` as the last
+    segment for zero or more segments (``jobs.#``; ``#`` alone is every topic).
+
+    Delivery is asynchronous (never re-entrant into ``publish``), FIFO per
+    subscriber, one in-flight delivery per subscriber (a handler returning a
+    Deferred or coroutine holds the next event back until it fires), and
+    isolated: a failing or slow subscriber never delays or breaks another.
+    Every drop and failure is counted.
+    """
+
+    def publish(
+        event: Event,
+        source: str = "",
+        correlation_id: str | None = None,
+        topic: str | None = None,
+    ) -> Envelope[Any]:
+        """
+        Publish ``event`` on ``topic`` (default ``type(event).topic``) and
+        return its envelope.  Never blocks and never raises for subscriber
+        faults.  Raises ``InvalidCommand`` for a malformed topic.
+        """
+
+    def subscribe(
+        pattern: str,
+        handler: Handler,
+        filter: EventFilter | None = None,
+        max_queue: int = 1000,
+        overflow: Overflow = Overflow.DROP_OLDEST,
+        replay_retained: bool = False,
+        name: str | None = None,
+    ) -> ISubscription:
+        """
+        Subscribe ``handler`` to ``pattern``.  ``filter`` runs before an
+        event is queued (rejected events are only counted).  With
+        ``replay_retained`` the last retained events matching the pattern are
+        queued first, oldest first.  Raises ``InvalidCommand`` for a bad
+        pattern or queue size.
+        """
+
+    def retained(pattern: str) -> Sequence[Envelope[Any]]:
+        """The retained envelopes whose topic matches ``pattern``."""
+
+    def last(topic: str, key: str = "") -> Envelope[Any] | None:
+        """The retained envelope of ``topic`` for ``key``, or ``None``."""
+
+    def stats() -> Mapping[str, Any]:
+        """
+        ``{"topics": [TopicStats...], "subscriptions": [SubscriptionStats...],
+        "published": int, "delivered": int, "dropped": int, "failed": int}``.
+        """
+
+    def drain() -> Deferred[None]:
+        """Fires once every queue is empty and no delivery is in flight."""
+
+
+# ==========================================================================
+# Leadership
+
+
+@attrs.frozen
+class LeadershipState:
+    """
+    This node's view of one resource.
+
+    @ivar term: the fencing token; only grows per resource.
+    @ivar leader_address: the leader's API base URL, for leader hints.
+    """
+
+    resource: str
+    role: Role = Role.UNKNOWN
+    leader_id: str | None = None
+    leader_address: str | None = None
+    term: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "resource": self.resource,
+            "role": self.role.value,
+            "leader_id": self.leader_id,
+            "leader_address": self.leader_address,
+            "term": self.term,
+        }
+
+
+class ILeadershipRegistry(Interface):
+    """
+    Who leads each resource (``control-plane``, ``app:<name>``).  Only the
+    consensus subsystem writes it; every change publishes a retained
+    ``cluster.leadership`` event.  ``unknown`` is never treated as leader.
+    """
+
+    node_id: str = Attribute("This node's id.")
+
+    def role(resource: str) -> Role:
+        """This node's role for ``resource`` (``UNKNOWN`` if never set)."""
+
+    def state(resource: str) -> LeadershipState:
+        """The full state of ``resource``."""
+
+    def states() -> Sequence[LeadershipState]:
+        """Every known resource, sorted by name."""
+
+    def is_leader(resource: str) -> bool:
+        """True only when the role is ``LEADER``."""
+
+    def update(
+        resource: str,
+        role: Role,
+        term: int,
+        leader_id: str | None = None,
+        leader_address: str | None = None,
+    ) -> LeadershipState:
+        """
+        Record a new role; publishes ``LeadershipRoleChanged`` when anything
+        changed.  Raises ``StaleTerm`` when ``term`` is below the current
+        term of the resource (a leader role needs a strictly greater term
+        than any earlier leadership of another node).
+        """
+
+    def when_leader(resource: str) -> Deferred[LeadershipState]:
+        """
+        Fires with the state once this node leads ``resource`` (at once if
+        it already does).  Cancellable: cancelling fails it with
+        ``CancelledError`` and forgets the waiter.
+        """
+
+    def require_leader(resource: str) -> LeadershipState:
+        """Return the state, or raise ``NotLeader`` with the leader hint."""
+
+
+class IConsensus(Interface):
+    """
+    The consensus subsystem: the only writer of the leadership registry.
+    """
+
+    node_id: str = Attribute("This node's id.")
+
+    def track(resource: str) -> Deferred[LeadershipState]:
+        """
+        Start campaigning for (and observing) ``resource``.  Fires with the
+        state once the role is known (leader or follower).  Fails with
+        ``Unavailable`` when the consensus backend cannot be reached.
+        """
+
+    def release(resource: str) -> Deferred[None]:
+        """Step down from / stop tracking ``resource``; idempotent."""
+
+    def tracked() -> Sequence[str]:
+        """The resources being tracked."""
+
+
+# ==========================================================================
+# Commands
+
+
+class ICommandHandler(Interface):
+    """Something that executes one command type."""
+
+    def __call__(command: Command, context: CommandContext) -> MaybeAsync:
+        """
+        Execute ``command``.  May return a ``Result``, a Deferred or a
+        coroutine firing with one, or raise / fail with a typed error.
+        """
+
+
+Middleware = Callable[
+    [Command, CommandContext, Callable[[Command, CommandContext], Deferred[Any]]],
+    Deferred[Any],
+]
+
+
+class ICommandDispatcher(Interface):
+    """
+    Routes typed commands to their one registered handler through the
+    middleware chain (outermost first): audit → policy → idempotency → lock
+    gate → leader gate → timeout → retry.
+    """
+
+    def register(command_type: type[Command], handler: ICommandHandler | Callable[..., Any]) -> None:
+        """
+        Register ``handler`` for ``command_type.name``.  Raises
+        ``DuplicateRegistration`` if the name already has a handler.
+        """
+
+    def unregister(command_type: type[Command]) -> None:
+        """Remove the handler for ``command_type.name``; idempotent."""
+
+    def dispatch(command: Command, context: CommandContext | None = None) -> Deferred[Result]:
+        """
+        Run ``command``.  Fires with its ``Result``.  Fails with
+        ``UnknownCommand``, ``InvalidCommand``, ``PolicyDenied``, ``Locked``,
+        ``NotLeader``, ``CommandTimeout`` or the handler's typed error.
+        """
+
+    def names() -> Sequence[str]:
+        """The registered command names, sorted."""
+
+    def add_middleware(name: str, middleware: Middleware) -> None:
+        """
+        Install a middleware into its named slot of the chain (``audit``,
+        ``policy``, ``idempotency``, ``lock``, ``leader``, ``timeout``,
+        ``retry``, or ``metrics``).  Raises ``DuplicateRegistration`` if the
+        slot is taken.
+        """
+
+
+# ==========================================================================
+# Supervision and health
+
+
+class RestartPolicy(enum.Enum):
+    """When a child is restarted after it exits (Erlang/OTP semantics)."""
+
+    PERMANENT = "permanent"  #: always
+    TRANSIENT = "transient"  #: only after an abnormal exit (a failure)
+    TEMPORARY = "temporary"  #: never
+
+
+@attrs.frozen
+class Backoff:
+    """Exponential backoff with jitter: ``initial * factor**n``, capped."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.2  #: fraction of the delay, applied ±
+
+    def delay(self, attempt: int, rand: Callable[[], float]) -> float:
+        """The delay before retry number ``attempt`` (0-based)."""
+        base = min(self.maximum, self.initial * (self.factor**attempt))
+        spread = base * self.jitter
+        return max(0.0, base - spread + 2 * spread * rand())
+
+
+@attrs.frozen
+class ChildSpec:
+    """
+    How the supervisor runs one child.
+
+    @ivar factory: builds a fresh ``IService`` for each (re)start, so that
+        two instances of a child never exist.
+    @ivar requires: names of children that must be running first; when one
+        of them fails, this child is stopped too.
+    @ivar intensity: at most this many restarts within ``period`` seconds;
+        one more marks the child ``failed``.
+    @ivar stable_after: seconds of uninterrupted running after which the
+        backoff resets.
+    @ivar health_check: called every ``health_interval`` seconds; a falsy
+        result, an exception or a timeout is a miss; ``max_misses``
+        consecutive misses restart the child.
+    """
+
+    name: str
+    factory: Callable[[], IService]
+    requires: tuple[str, ...] = ()
+    restart: RestartPolicy = RestartPolicy.PERMANENT
+    start_timeout: float = 30.0
+    stop_timeout: float = 10.0
+    backoff: Backoff = Backoff()
+    intensity: int = 5
+    period: float = 60.0
+    stable_after: float = 30.0
+    health_check: Callable[[], MaybeAsync] | None = None
+    health_interval: float = 10.0
+    health_timeout: float = 5.0
+    max_misses: int = 3
+    required: bool = True  #: whether readiness needs this child running
+
+
+@attrs.frozen
+class ChildStatus:
+    """What the supervisor knows of one child (served by the API)."""
+
+    name: str
+    state: ChildState
+    restarts: int
+    last_error: str | None
+    since: float
+    requires: tuple[str, ...]
+    restart: RestartPolicy
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "since": self.since,
+            "requires": list(self.requires),
+            "restart": self.restart.value,
+        }
+
+
+class ISupervisedService(Interface):
+    """
+    Optional extras a supervised ``IService`` may provide.  Without them a
+    child is ready as soon as ``startService`` returns (or its Deferred
+    fires) and never exits on its own.
+    """
+
+    def when_ready() -> Deferred[None]:
+        """Fires once the service can do its job; fails if it cannot start."""
+
+    def when_exited() -> Deferred[None]:
+        """
+        Fires with ``None`` when the service ends normally on its own, fails
+        with the reason when it crashes.  The supervisor applies the restart
+        policy to either.
+        """
+
+
+class ISupervisor(Interface):
+    """
+    The root of the service tree: starts children in dependency order
+    (waiting for readiness), stops them in reverse with per-child timeouts,
+    and restarts them by policy with backoff and intensity limits.
+    """
+
+    def add_child(spec: ChildSpec) -> None:
+        """
+        Add a child before or after start.  Raises ``DuplicateRegistration``
+        for a taken name and ``ConfigError`` for an unknown requirement or a
+        cycle.
+        """
+
+    def children() -> Sequence[ChildStatus]:
+        """Every child's status, in start order."""
+
+    def child(name: str) -> ChildStatus:
+        """One child's status; raises ``NotFound``."""
+
+    def service(name: str) -> IService | None:
+        """The running instance of a child, or ``None``."""
+
+    def restart_child(name: str) -> Deferred[ChildStatus]:
+        """
+        Stop and start one child now (a ``failed`` one is reset and its
+        dependents started again).  Fails with ``NotFound``.
+        """
+
+    def child_failed(name: str, reason: str) -> None:
+        """Report that a running child has failed; the policy applies."""
+
+    def when_ready() -> Deferred[None]:
+        """Fires once every child has started (is running)."""
+
+
+@attrs.frozen
+class ComponentHealth:
+    """One component's health."""
+
+    component: str
+    level: HealthLevel
+    message: str
+    required: bool
+    since: float
+    figures: tuple[tuple[str, float], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "component": self.component,
+            "level": self.level.label,
+            "message": self.message,
+            "required": self.required,
+            "since": self.since,
+            "figures": dict(self.figures),
+        }
+
+
+class IHealth(Interface):
+    """
+    Aggregates component health: overall is the worst level; readiness needs
+    every required component at ``ok``.  Every change publishes a retained
+    ``health.component`` event.
+    """
+
+    def report(
+        component: str,
+        level: HealthLevel,
+        message: str = "",
+        figures: Mapping[str, float] | None = None,
+    ) -> None:
+        """Record the component's current level and message."""
+
+    def require(component: str, required: bool = True) -> None:
+        """Declare whether readiness needs ``component``."""
+
+    def remove(component: str) -> None:
+        """Forget a component; idempotent."""
+
+    def component(name: str) -> ComponentHealth:
+        """One component's health; raises ``NotFound``."""
+
+    def components() -> Sequence[ComponentHealth]:
+        """Every component, sorted by name."""
+
+    def overall() -> HealthLevel:
+        """The worst level of any component (``OK`` when there are none)."""
+
+    def ready() -> bool:
+        """True when every required component is ``OK``."""
+
+    def not_ready() -> Sequence[ComponentHealth]:
+        """The required components that are not ``OK``."""
+
+
+# ==========================================================================
+# Controllers
+
+
+class IReconciler(Interface):
+    """The domain logic of a level-triggered controller."""
+
+    def reconcile(key: str) -> MaybeAsync:
+        """
+        Bring ``key`` toward its desired state.  Return ``None`` when done,
+        or a number of seconds to be called again after; raise to be retried
+        with per-key backoff (a ``PiccolodError`` that is not retryable and
+        is marked terminal is not retried).
+        """
+
+    def keys() -> MaybeAsync:
+        """Every key that exists (desired or observed), for periodic resync."""
+
+
+class IController(Interface):
+    """A keyed, deduplicated work queue driving an ``IReconciler``."""
+
+    name: str = Attribute("The controller's name.")
+
+    def enqueue(key: str, after: float = 0.0) -> None:
+        """
+        Ask for ``key`` to be reconciled (after ``after`` seconds).  A key
+        already queued is not queued twice; a key being reconciled is
+        reconciled once more after the current run.
+        """
+
+    def resync() -> Deferred[None]:
+        """Enqueue every key the reconciler lists."""
+
+    def when_idle() -> Deferred[None]:
+        """Fires once the queue is empty and nothing is running."""
+
+
+# ==========================================================================
+# Plugins
+
+
+class ISubsystemPlugin(Interface):
+    """
+    One variant of one subsystem slot, discovered with
+    ``twisted.plugin.getPlugins``.
+    """
+
+    slot: str = Attribute("The slot name, e.g. ``consensus``.")
+    variant: str = Attribute("The variant name, e.g. ``single-node``.")
+    description: str = Attribute("One line for ``--help`` and error messages.")
+    provides: Sequence[type[Interface]] = Attribute(
+        "Interfaces the built service provides besides IService."
+    )
+    requires: Sequence[type[Interface]] = Attribute(
+        "Interfaces it needs from other slots (resolved into its context)."
+    )
+    config_keys: Mapping[str, Any] = Attribute(
+        "The keys its ``[subsystems.<slot>]`` section accepts, with defaults."
+    )
+
+    def build(context: Any) -> IService:
+        """
+        Build the service from a ``SubsystemContext``.  Raises
+        ``ConfigError`` for bad section values.
+        """
+
+
+__all__ = [
+    "Backoff",
+    "ChildSpec",
+    "ChildStatus",
+    "CommandTimeout",
+    "ComponentHealth",
+    "ConfigError",
+    "Conflict",
+    "DuplicateRegistration",
+    "EventFilter",
+    "Handler",
+    "ICommandDispatcher",
+    "ICommandHandler",
+    "IConsensus",
+    "IController",
+    "IEventBus",
+    "IHealth",
+    "ILeadershipRegistry",
+    "IReconciler",
+    "ISubscription",
+    "ISubsystemPlugin",
+    "ISupervisedService",
+    "ISupervisor",
+    "IllegalTransition",
+    "InvalidCommand",
+    "LeadershipState",
+    "Locked",
+    "MaybeAsync",
+    "Middleware",
+    "NotFound",
+    "NotLeader",
+    "NotReady",
+    "Overflow",
+    "PiccolodError",
+    "PolicyDenied",
+    "QuotaExceeded",
+    "RateLimited",
+    "RestartPolicy",
+    "StaleTerm",
+    "SubscriptionStats",
+    "SubsystemFailed",
+    "TooLarge",
+    "TopicStats",
+    "TransientError",
+    "Unauthorized",
+    "Unavailable",
+    "UnknownCommand",
+]
