@@ -395,6 +395,47 @@ class AppStateChanged(Event):
         return self.app
 
 
+# --------------------------------------------------------------------------
+# Services, mDNS
+
+
+@attrs.frozen
+class RoutePublished(Event):
+    """
+    An app listener (or the portal) is published on a local port, or
+    withdrawn (``withdrawn=True``).  The mDNS responder advertises these as
+    DNS-SD services; the remote manager routes to them.
+    """
+
+    topic: ClassVar[str] = "services.route"
+    retained: ClassVar[bool] = True
+    app: str
+    listener: str
+    port: int
+    protocol: str = "http"  # "http" | "websocket" | "raw"
+    service_type: str = "_http._tcp"
+    txt: tuple[tuple[str, str], ...] = ()
+    withdrawn: bool = False
+
+    def key(self) -> str:
+        return f"{self.app}/{self.listener}"
+
+
+@attrs.frozen
+class MdnsNameChanged(Event):
+    """The mDNS responder claimed a (possibly renamed) host or service name."""
+
+    topic: ClassVar[str] = "mdns.name"
+    retained: ClassVar[bool] = True
+    kind: str  # "host" | "service"
+    requested: str
+    claimed: str
+    reason: str = ""
+
+    def key(self) -> str:
+        return f"{self.kind}:{self.requested}"
+
+
 #: Every event type by topic, for the API's topic listing and for decoding.
 TOPICS: dict[str, type[Event]] = {
     cls.topic: cls
@@ -416,5 +457,7 @@ TOPICS: dict[str, type[Event]] = {
         JobFinished,
         Telemetry,
         AppStateChanged,
+        RoutePublished,
+        MdnsNameChanged,
     )
 }
