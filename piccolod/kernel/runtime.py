@@ -7,6 +7,7 @@ subsystems receive it and use its parts through their interfaces.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ class Kernel:
     @ivar node_id: this node's stable id.
     @ivar api_address: this node's API base URL, for leader hints.
     @ivar state_dir: where durable state lives.
+    @ivar selected: the variant chosen for each slot.
     """
 
     reactor: Any
@@ -39,3 +41,7 @@ class Kernel:
     node_id: str
     api_address: str
     state_dir: Path
+    #: The variant chosen for each slot (``{"consensus": "single-node"}``).
+    selected: Mapping[str, str] = attrs.field(factory=dict)
+    #: Clock time at which the kernel was built.
+    started_at: float = 0.0
