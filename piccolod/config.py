@@ -15,11 +15,6 @@ Example::
     stop_timeout = 10.0
     advertise_address = ""       # API base URL for leader hints; default from the listen string
 
-    [log]
-    level = "info"               # debug | info | warn | error | critical
-    format = "text"              # text | json
-    file = "-"                   # "-" is stdout (twistd's log), else a path
-
     [subsystems.api]
     listen = "tcp:8080:interface=127.0.0.1"
 
@@ -38,9 +33,6 @@ import attrs
 
 from piccolod.errors import ConfigError
 
-LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
-LOG_FORMATS = ("text", "json")
-
 #: The state directory used when neither the config nor the command line names one.
 DEFAULT_STATE_DIR = "./state"
 
@@ -55,13 +47,6 @@ class DaemonConfig:
 
 
 @attrs.frozen
-class LogConfig:
-    level: str = "info"
-    format: str = "text"
-    file: str = "-"
-
-
-@attrs.frozen
 class Config:
     """
     The whole configuration.
@@ -72,12 +57,11 @@ class Config:
     """
 
     daemon: DaemonConfig = DaemonConfig()
-    log: LogConfig = LogConfig()
     subsystems: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     source: str | None = None
 
 
-_SECTIONS: dict[str, type[Any]] = {"daemon": DaemonConfig, "log": LogConfig}
+_SECTIONS: dict[str, type[Any]] = {"daemon": DaemonConfig}
 
 
 def _coerce(section: str, cls: type[Any], raw: Mapping[str, Any], errors: list[str]) -> Any:
@@ -128,8 +112,9 @@ def parse(data: Mapping[str, Any], source: str | None = None) -> Config:
         built[section] = _coerce(section, _SECTIONS[section], value, errors)
     config = Config(
         daemon=built.get("daemon", DaemonConfig()),
-        log=built.get("log", LogConfig()),
-        subsystems={k: dict(v) for k, v in data.get("subsystems", {}).items()}
+        subsystems={
+            k: dict(v) for k, v in data.get("subsystems", {}).items() if isinstance(v, dict)
+        }
         if isinstance(data.get("subsystems"), dict)
         else {},
         source=source,
@@ -143,10 +128,6 @@ def parse(data: Mapping[str, Any], source: str | None = None) -> Config:
 def validate(config: Config) -> list[str]:
     """Semantic checks of a config (types are already right)."""
     errors: list[str] = []
-    if config.log.level not in LOG_LEVELS:
-        errors.append(f"[log] level must be one of {', '.join(LOG_LEVELS)}")
-    if config.log.format not in LOG_FORMATS:
-        errors.append(f"[log] format must be one of {', '.join(LOG_FORMATS)}")
     if config.daemon.stop_timeout <= 0:
         errors.append("[daemon] stop_timeout must be positive")
     if not config.daemon.state_dir:

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
 
 from piccolod.interfaces import (
     ICommandDispatcher,
@@ -45,3 +48,49 @@ class Kernel:
     selected: Mapping[str, str] = attrs.field(factory=dict)
     #: Clock time at which the kernel was built.
     started_at: float = 0.0
+
+
+class KernelService(Service):
+    """
+    The root of the tree ``twistd`` runs: the supervisor is its one child.
+
+    Stopping it stops the supervised tree (children in reverse order, each
+    bounded), then the dispatcher (pending retries and timeouts cancelled),
+    then drains and stops the bus.  ``twistd`` waits for the returned
+    Deferred before the reactor stops (it is a before-shutdown trigger).
+    """
+
+    log = Logger()
+
+    def __init__(self, kernel: Kernel) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.setName("piccolod")
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info(
+            "piccolod {node_id} starting: {subsystems}",
+            node_id=self.kernel.node_id,
+            subsystems=dict(self.kernel.selected),
+        )
+        self.kernel.supervisor.startService()
+        ready = self.kernel.supervisor.when_ready()
+        ready.addCallbacks(
+            lambda _: self.log.info("piccolod {node_id} ready", node_id=self.kernel.node_id),
+            lambda f: self.log.failure("piccolod did not become ready", f),
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        try:
+            await maybeDeferred(self.kernel.supervisor.stopService)  # type: ignore[attr-defined]
+        finally:
+            stop = getattr(self.kernel.dispatcher, "stop", None)
+            if stop is not None:
+                stop()
+            await self.kernel.bus.stop()  # type: ignore[attr-defined]
+        self.log.info("piccolod {node_id} stopped", node_id=self.kernel.node_id)

@@ -1,0 +1,42 @@
+"""
+A third-party subsystem, as someone outside piccolod would write it: a
+service for a new slot, loaded from a plugin package or drop-in file that
+piccolod never names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from zope.interface import Attribute, Interface, implementer
+
+
+class IEcho(Interface):
+    """A toy interface a third-party plugin provides."""
+
+    greeting: str = Attribute("What it says.")
+
+    def echo(text: str) -> str:
+        """Return ``text`` with the greeting."""
+
+
+@implementer(IEcho)
+class EchoService(Service):
+    def __init__(self, greeting: str) -> None:
+        self.greeting = greeting
+
+    @classmethod
+    def from_context(cls, ctx: Any) -> EchoService:
+        return cls(str(ctx.config["greeting"]))
+
+    def echo(self, text: str) -> str:
+        return f"{self.greeting}, {text}"
+
+
+class NotAService:
+    """Built by a broken plugin: provides nothing it claims."""
+
+    @classmethod
+    def from_context(cls, ctx: Any) -> NotAService:
+        return cls()
