@@ -1,0 +1,148 @@
+"""
+``twistd -n piccolod`` as a real subprocess on a loopback port: readiness,
+every kernel endpoint, a clean exit 0 on SIGTERM, on the default reactor and
+on the asyncio reactor; bad options fail before the reactor starts; a
+third-party drop-in plugin is selected without editing piccolod.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.integration.support import Daemon, http
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+    started: list[Daemon] = []
+
+    def make(*args: str, reactor: str | None = None, env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(tmp_path / f"state{len(started)}", args, reactor=reactor, env=env)
+        started.append(d)
+        return d.start()
+
+    yield make
+    for d in started:
+        d.kill()
+
+
+@pytest.mark.parametrize("reactor", [None, "asyncio"])
+def test_serves_every_kernel_endpoint_and_stops_cleanly(daemon_factory, reactor) -> None:  # type: ignore[no-untyped-def]
+    """The daemon becomes ready, serves the kernel endpoints and exits 0 on SIGTERM."""
+    d = daemon_factory(reactor=reactor)
+    d.wait_ready()
+
+    code, _, body = d.get("/api/v1/health/live")
+    assert (code, body["status"]) == (200, "ok")
+
+    code, _, body = d.get("/api/v1/health/detail")
+    assert code == 200
+    assert body["ready"] is True and body["overall"] == "ok"
+    assert body["subsystems"] == {"api": "http", "consensus": "single-node"}
+    children = {c["name"]: c["state"] for c in body["children"]}
+    assert children == {"leadership-observer": "running", "api": "running", "consensus": "running"}
+
+    code, _, body = d.get("/api/v1/leadership")
+    assert code == 200
+    roles = {r["resource"]: r for r in body["resources"]}
+    assert roles["control-plane"]["role"] == "leader"
+    assert roles["control-plane"]["leader_id"] == body["node_id"]
+    assert roles["control-plane"]["term"] >= 1
+
+    code, _, body = d.get("/api/v1/supervisor")
+    assert code == 200
+    assert {c["name"] for c in body["children"]} == set(children)
+    assert all(c["restarts"] == 0 and c["last_error"] is None for c in body["children"])
+
+    code, headers, body = d.get("/api/v1/nope")
+    assert code == 404 and headers["Content-Type"] == "application/problem+json"
+
+    assert d.stop() == 0, d.log()
+    log = d.log()
+    assert "Traceback" not in log, log
+    assert not (d.state_dir / "api.json").exists()
+
+
+def test_bad_options_fail_before_the_reactor_starts(tmp_path: Path) -> None:
+    """Every config and option error is listed and twistd exits non-zero without serving."""
+    config = tmp_path / "bad.toml"
+    config.write_text('[daemon]\nstop_timeout = -1\ncolour = "red"\n[subsystems.consensus]\nvariant = "raft"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "twisted", "-n", "--pidfile=", "piccolod", "--config", str(config),
+         "--use", "mdns=nonsense", "--state-dir", str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "stop_timeout must be positive" in out
+    assert "unknown key 'colour'" in out
+    assert "unknown variant 'raft'" in out and "single-node" in out
+    assert not (tmp_path / "s").exists()
+
+
+def test_drop_in_plugin_adds_a_variant_without_editing_piccolod(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A plugin file dropped in another twisted/plugins directory is selected with --use."""
+    drop = tmp_path / "drop" / "twisted" / "plugins"
+    drop.mkdir(parents=True)
+    (drop / "thirdparty_echo.py").write_text(textwrap.dedent("""
+        from piccolod.kernel.plugins import SubsystemPlugin
+        echo = SubsystemPlugin(
+            slot="echo", variant="loud", description="third-party echo",
+            factory="tests.thirdparty.EchoService.from_context",
+            config_keys={"greeting": "HELLO"},
+        )
+    """))
+    root = Path(__file__).resolve().parents[2]
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "drop"), str(root)])}
+    d = daemon_factory("--use", "echo=loud", env=env)
+    d.wait_ready()
+    code, _, body = d.get("/api/v1/supervisor")
+    assert {c["name"]: c["state"] for c in body["children"]}["echo"] == "running"
+    assert d.get("/api/v1/health/detail")[2]["subsystems"]["echo"] == "loud"
+    assert d.stop() == 0
+
+
+def test_sigkill_leaves_a_restartable_state_dir(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """After kill -9 a new daemon on the same state dir starts, keeps its node id and serves."""
+    first = daemon_factory()
+    first.wait_ready()
+    node_id = first.get("/api/v1/health/live")[2]["node_id"]
+    first.kill()
+    second = Daemon(first.state_dir, (), None).start()
+    try:
+        second.wait_ready()
+        assert second.get("/api/v1/health/live")[2]["node_id"] == node_id
+        assert second.stop() == 0
+    finally:
+        second.kill()
+
+
+def test_unreachable_listen_endpoint_is_reported(tmp_path: Path) -> None:
+    """A listen address that cannot be bound leaves the daemon unready and says why."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    port = s.getsockname()[1]
+    try:
+        d = Daemon(tmp_path / "s", (), None)
+        d.cmd[d.cmd.index("tcp:0:interface=127.0.0.1")] = f"tcp:{port}:interface=127.0.0.1"
+        d.start()
+        try:
+            from tests.integration.support import poll
+
+            poll(lambda: True if "Address already in use" in d.log() or "CannotListen" in d.log() else None,
+                 timeout=15, what="bind failure in the log")
+        finally:
+            d.kill()
+    finally:
+        s.close()
