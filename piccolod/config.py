@@ -15,6 +15,11 @@ Example::
     stop_timeout = 10.0
     advertise_address = ""       # API base URL for leader hints; default from the listen string
 
+    [log]
+    level = "info"               # debug | info | warn | error | critical
+    format = "text"              # text | json (one JSON object per line)
+    file = "-"                   # "-" is standard output (the journal under systemd)
+
     [subsystems.api]
     listen = "tcp:8080:interface=127.0.0.1"
 
@@ -47,6 +52,13 @@ class DaemonConfig:
 
 
 @attrs.frozen
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+    file: str = "-"
+
+
+@attrs.frozen
 class Config:
     """
     The whole configuration.
@@ -57,11 +69,12 @@ class Config:
     """
 
     daemon: DaemonConfig = DaemonConfig()
+    log: LogConfig = LogConfig()
     subsystems: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     source: str | None = None
 
 
-_SECTIONS: dict[str, type[Any]] = {"daemon": DaemonConfig}
+_SECTIONS: dict[str, type[Any]] = {"daemon": DaemonConfig, "log": LogConfig}
 
 
 def _coerce(section: str, cls: type[Any], raw: Mapping[str, Any], errors: list[str]) -> Any:
@@ -112,6 +125,7 @@ def parse(data: Mapping[str, Any], source: str | None = None) -> Config:
         built[section] = _coerce(section, _SECTIONS[section], value, errors)
     config = Config(
         daemon=built.get("daemon", DaemonConfig()),
+        log=built.get("log", LogConfig()),
         subsystems={
             k: dict(v) for k, v in data.get("subsystems", {}).items() if isinstance(v, dict)
         }
@@ -128,6 +142,10 @@ def parse(data: Mapping[str, Any], source: str | None = None) -> Config:
 def validate(config: Config) -> list[str]:
     """Semantic checks of a config (types are already right)."""
     errors: list[str] = []
+    if config.log.level not in ("debug", "info", "warn", "error", "critical"):
+        errors.append("[log] level must be one of debug, info, warn, error, critical")
+    if config.log.format not in ("text", "json"):
+        errors.append("[log] format must be one of text, json")
     if config.daemon.stop_timeout <= 0:
         errors.append("[daemon] stop_timeout must be positive")
     if not config.daemon.state_dir:

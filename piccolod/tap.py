@@ -132,6 +132,23 @@ class Options(usage.Options):
                 "piccolod cannot start, the configuration has "
                 f"{len(e.errors)} problem(s):\n{e}"
             ) from None
+        self._choose_log_observer(self.settings.config)
+
+    def _choose_log_observer(self, config: Config) -> None:
+        """
+        Hand twistd the ``[log]`` observer (level filter, text or JSON,
+        correlation ids) unless ``twistd --logger`` already chose one.
+        twistd builds its logger from these options after this returns.
+        """
+        parent = getattr(self, "parent", None)
+        if parent is None or parent.get("logger") or parent.get("logfile") not in (None, "", "-"):
+            return
+        from piccolod.logging import observer_for
+
+        log = config.log
+        parent["logger"] = functools.partial(
+            observer_for, level=log.level, format=log.format, path=log.file
+        )
 
     def load(self, plugins: Iterable[ISubsystemPlugin] | None = None) -> Settings:
         errors: list[str] = []

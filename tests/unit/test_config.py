@@ -87,3 +87,16 @@ class LoadTests(SynchronousTestCase):
         c = config.with_overrides(config.parse({}), state_dir="/tmp/s", listen="tcp:9")
         self.assertEqual(c.daemon.state_dir, "/tmp/s")
         self.assertEqual(c.subsystems["api"]["listen"], "tcp:9")
+
+
+class ShippedConfigTests(SynchronousTestCase):
+    def test_packaged_config_loads_and_selects_plugins(self) -> None:
+        """packaging/piccolod.toml is valid and names only real slots, variants and keys."""
+        from piccolod.tap import settle
+
+        root = Path(__file__).resolve().parents[2]
+        c = config.load(root / "packaging" / "piccolod.toml")
+        self.assertEqual(c.daemon.state_dir, "/var/lib/piccolod")
+        settings = settle(c, {})
+        self.assertEqual(settings.chosen["api"][0].variant, "http")
+        self.assertEqual(settings.chosen["consensus"][0].variant, "single-node")

@@ -1,0 +1,72 @@
+"""Tests for piccolod.logging: level filter, JSON lines, correlation ids."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from twisted.logger import Logger, LogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from piccolod.errors import ConfigError
+from piccolod.logging import correlation_id, observer_for
+
+
+class ObserverTests(SynchronousTestCase):
+    def emit(self, level: str, fmt: str) -> list[str]:
+        stream = io.StringIO()
+        publisher = LogPublisher(observer_for(level=level, format=fmt, stream=stream))
+        log = Logger(namespace="piccolod.test", observer=publisher)
+        log.debug("debug {n}", n=1)
+        log.info("info {n}", n=2)
+        log.error("error {n}", n=3)
+        return [line for line in stream.getvalue().splitlines() if line.strip()]
+
+    def test_level_filter(self) -> None:
+        """Events below the configured level are not written."""
+        lines = self.emit("info", "text")
+        self.assertEqual(len(lines), 2)
+        self.assertIn("info 2", lines[0])
+        self.assertIn("error 3", lines[1])
+        self.assertEqual(len(self.emit("error", "text")), 1)
+        self.assertEqual(len(self.emit("debug", "text")), 3)
+
+    def test_json_lines_have_stable_fields(self) -> None:
+        """JSON format writes one parseable object per event with its named fields."""
+        lines = self.emit("info", "json")
+        events = [json.loads(line.lstrip("\x1e")) for line in lines]
+        self.assertEqual([e["n"] for e in events], [2, 3])
+        self.assertEqual(events[0]["log_namespace"], "piccolod.test")
+        self.assertEqual(events[0]["log_level"]["name"], "info")
+
+    def test_correlation_id_is_stamped(self) -> None:
+        """A line logged while a command runs carries that command's correlation id."""
+        stream = io.StringIO()
+        log = Logger(observer=LogPublisher(observer_for(format="json", stream=stream)))
+        token = correlation_id.set("req-42")
+        try:
+            log.info("inside")
+        finally:
+            correlation_id.reset(token)
+        log.info("outside")
+        events = [json.loads(x.lstrip("\x1e")) for x in stream.getvalue().splitlines() if x.strip()]
+        self.assertEqual(events[0]["correlation_id"], "req-42")
+        self.assertNotIn("correlation_id", events[1])
+
+    def test_bad_level_and_format(self) -> None:
+        """An unknown level or format is a ConfigError listing both problems."""
+        with self.assertRaises(ConfigError) as cm:
+            observer_for(level="loud", format="xml", stream=io.StringIO())
+        self.assertEqual(len(cm.exception.errors), 2)
+
+    def test_file_is_created_private(self) -> None:
+        """A log file is created with mode 0600 and appended to."""
+        import os
+
+        path = self.mktemp()
+        log = Logger(observer=LogPublisher(observer_for(format="json", path=path)))
+        log.info("one")
+        log.info("two")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        with open(path) as f:
+            self.assertEqual(len([x for x in f.read().splitlines() if x.strip()]), 2)
