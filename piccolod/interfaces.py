@@ -593,6 +593,106 @@ class ISubsystemPlugin(Interface):
         """
 
 
+# ==========================================================================
+# Jobs
+
+if TYPE_CHECKING:
+    from piccolod.kernel.jobs import JobSpec
+
+
+class JobState(enum.Enum):
+    """
+    A job's lifecycle state.  ``queued`` covers both waiting for a slot and
+    waiting for a retry (``retry_at`` set); the last three are final.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        """Whether the job has ended (no transition leaves this state)."""
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class IJobHandle(Interface):
+    """One submitted job, as seen by whoever submitted or looked it up."""
+
+    id: str = Attribute("The job's unique id (kept across retries).")
+    name: str = Attribute("A human-readable name (defaults to the job class).")
+    job_class: str = Attribute("The concurrency class (``export``, ``rebuild``...).")
+    priority: int = Attribute("Higher runs first; kept across retries.")
+    metadata: Mapping[str, str] = Attribute("Free-form labels; kept across retries.")
+    state: JobState = Attribute("The current ``JobState``.")
+    progress: float = Attribute("Progress of the current attempt, 0.0 to 1.0.")
+    message: str = Attribute("The last progress message.")
+    attempts: int = Attribute("How many attempts have started.")
+    retry_at: float | None = Attribute("When a queued retry becomes ready, else None.")
+
+    def result() -> Deferred[Any]:
+        """
+        A new Deferred per call, firing with the job's return value once it
+        succeeds; fails with ``CancelledError`` when the job is cancelled,
+        ``CommandTimeout`` when its last attempt timed out, or the body's
+        own error.  Cancelling the returned Deferred only stops waiting; it
+        does not cancel the job.
+        """
+
+    def cancel() -> Deferred[JobState]:
+        """
+        Cancel the job: a queued one ends ``cancelled`` at once, a running
+        one has its Deferred cancelled and ends ``cancelled`` when its body
+        stops.  Fires with the job's final state (which is not
+        ``cancelled`` if it had already ended); never fails.
+        """
+
+    def to_json() -> dict[str, Any]:
+        """A JSON-ready summary for the API."""
+
+
+class IJobRunner(Interface):
+    """
+    Runs jobs by priority within per-class concurrency limits, with
+    timeouts, retries with jittered backoff, cancellation, progress events
+    (``jobs.progress``, ``jobs.finished``) and a bounded history.
+    """
+
+    def submit(spec: JobSpec) -> IJobHandle:
+        """
+        Queue a job; it starts on a later reactor turn (jobs submitted
+        before ``startService`` wait for it).  Raises ``NotReady`` once the
+        runner has been stopped, until it is started again.
+        """
+
+    def every(
+        interval: float,
+        spec_factory: Callable[[], JobSpec | None],
+        now: bool = False,
+    ) -> IService:
+        """
+        Submit ``spec_factory()`` every ``interval`` seconds while the
+        runner runs (first at once with ``now``), skipping a tick while the
+        previous job is still queued or running, or when the factory
+        returns ``None``.  ``stopService()`` on the returned service stops
+        it.  Raises ``InvalidCommand`` for a non-positive interval.
+        """
+
+    def get(job_id: str) -> IJobHandle:
+        """A queued, running or remembered job; raises ``NotFound``."""
+
+    def jobs(state: JobState | str | None = None) -> Sequence[IJobHandle]:
+        """Running, then queued (in dispatch order), then finished (newest first)."""
+
+    def cancel(job_id: str) -> Deferred[JobState]:
+        """``get(job_id).cancel()``; raises ``NotFound``."""
+
+    def stats() -> Mapping[str, Any]:
+        """Queue depths, and per class: counts by final state and durations."""
+
+
 __all__ = [
     "Backoff",
     "ChildSpec",
@@ -610,6 +710,8 @@ __all__ = [
     "IController",
     "IEventBus",
     "IHealth",
+    "IJobHandle",
+    "IJobRunner",
     "ILeadershipRegistry",
     "IReconciler",
     "ISubscription",
@@ -618,6 +720,7 @@ __all__ = [
     "ISupervisor",
     "IllegalTransition",
     "InvalidCommand",
+    "JobState",
     "LeadershipState",
     "Locked",
     "MaybeAsync",
