@@ -1,0 +1,20 @@
+"""
+Drop-in plugins of the ``consensus`` slot.  (No ``__init__.py`` in
+``twisted/plugins``: it is a namespace drop-in directory.)
+"""
+
+from piccolod.interfaces import IConsensus
+from piccolod.kernel.plugins import SubsystemPlugin
+
+singleNode = SubsystemPlugin(
+    slot="consensus",
+    variant="single-node",
+    description="One node that leads every resource it tracks (control-plane, app:<name>)",
+    factory="piccolod.consensus.single_node.SingleNodeConsensus.from_context",
+    provides=(IConsensus,),
+    requires=(),
+    # ignore: mypy cannot solve the generic MappingProxyType converter of
+    # SubsystemPlugin.config_keys (fix proposed for piccolod/kernel/plugins.py).
+    config_keys={"resources": []},  # type: ignore[dict-item]
+    default=True,
+)
