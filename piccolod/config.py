@@ -108,6 +108,18 @@ def _coerce(section: str, cls: type[Any], raw: Mapping[str, Any], errors: list[s
 
 def parse(data: Mapping[str, Any], source: str | None = None) -> Config:
     """Build a :class:`Config` from parsed TOML; raise ``ConfigError`` with every problem."""
+    config, errors = parse_partial(data, source)
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def parse_partial(data: Mapping[str, Any], source: str | None = None) -> tuple[Config, list[str]]:
+    """
+    Build what can be built of a :class:`Config` and list every problem, so
+    that callers can go on checking (e.g. the subsystem sections) and report
+    all problems at once.  Sections with errors keep their valid keys.
+    """
     errors: list[str] = []
     built: dict[str, Any] = {}
     for section, value in data.items():
@@ -134,9 +146,7 @@ def parse(data: Mapping[str, Any], source: str | None = None) -> Config:
         source=source,
     )
     errors.extend(validate(config))
-    if errors:
-        raise ConfigError(errors)
-    return config
+    return config, errors
 
 
 def validate(config: Config) -> list[str]:
@@ -158,6 +168,14 @@ def validate(config: Config) -> list[str]:
 
 def load(path: str | Path) -> Config:
     """Read and parse a TOML config file; raise ``ConfigError`` on any problem."""
+    config, errors = load_partial(path)
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def load_partial(path: str | Path) -> tuple[Config, list[str]]:
+    """Like :func:`load`, returning what could be read and every problem."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -167,7 +185,7 @@ def load(path: str | Path) -> Config:
         raise ConfigError([f"config file {str(path)!r} cannot be read: {e.strerror}"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"config file {str(path)!r} is not valid TOML: {e}"]) from None
-    return parse(data, source=str(path))
+    return parse_partial(data, source=str(path))
 
 
 def with_overrides(

@@ -116,6 +116,7 @@ class Options(usage.Options):
         super().__init__()
         self["use"] = {}
         self.settings: Settings | None = None
+        self.log_observer: Any = None
 
     def opt_use(self, value: str) -> None:
         """Choose a subsystem variant, SLOT=VARIANT (repeatable)."""
@@ -132,36 +133,42 @@ class Options(usage.Options):
                 "piccolod cannot start, the configuration has "
                 f"{len(e.errors)} problem(s):\n{e}"
             ) from None
-        self._choose_log_observer(self.settings.config)
+        self.log_observer = self._log_observer(self.settings.config)
 
-    def _choose_log_observer(self, config: Config) -> None:
+    def _log_observer(self, config: Config) -> Any:
         """
-        Hand twistd the ``[log]`` observer (level filter, text or JSON,
-        correlation ids) unless ``twistd --logger`` already chose one.
-        twistd builds its logger from these options after this returns.
+        The ``[log]`` observer (level filter, text or JSON, correlation ids),
+        unless ``twistd --logger`` or ``--logfile`` already chose one.  The
+        root service hands it to twistd's application as its
+        ``ILogObserver`` component, which twistd starts logging to.
         """
         parent = getattr(self, "parent", None)
-        if parent is None or parent.get("logger") or parent.get("logfile") not in (None, "", "-"):
-            return
+        if parent is not None and (
+            parent.get("logger") or parent.get("logfile") not in (None, "", "-")
+        ):
+            return None
         from piccolod.logging import observer_for
 
         log = config.log
-        parent["logger"] = functools.partial(
-            observer_for, level=log.level, format=log.format, path=log.file
-        )
+        return observer_for(level=log.level, format=log.format, path=log.file)
 
     def load(self, plugins: Iterable[ISubsystemPlugin] | None = None) -> Settings:
         errors: list[str] = []
         config = Config()
         if self["config"] is not None:
             try:
-                config = configmod.load(self["config"])
-            except ConfigError as e:
-                errors.extend(e.errors)
+                config, errors = configmod.load_partial(self["config"])
+            except ConfigError as e:  # unreadable: nothing more to check
+                raise ConfigError(e.errors) from None
         config = configmod.with_overrides(config, self["state-dir"], self["listen"])
-        if errors:
+        settings: Settings | None = None
+        try:
+            settings = settle(config, self["use"], plugins)
+        except ConfigError as e:
+            errors.extend(e.errors)
+        if errors or settings is None:
             raise ConfigError(errors)
-        return settle(config, self["use"], plugins)
+        return settings
 
 
 def advertised_address(listen: str) -> str:
@@ -195,7 +202,7 @@ def node_id_for(state_dir: Path, configured: str) -> str:
     return new
 
 
-def build(reactor: Any, settings: Settings) -> IService:
+def build(reactor: Any, settings: Settings, log_observer: Any = None) -> IService:
     """Build the whole service tree on ``reactor``; returns its root."""
     from piccolod.kernel.bus import MemoryEventBus
     from piccolod.kernel.dispatcher import CommandDispatcher
@@ -255,7 +262,7 @@ def build(reactor: Any, settings: Settings) -> IService:
                 stop_timeout=stop_timeout,
             )
         )
-    return KernelService(kernel)
+    return KernelService(kernel, log_observer=log_observer)
 
 
 def _build_slot(kernel: Any, settings: Settings, slot: str) -> IService:
@@ -283,4 +290,34 @@ def makeService(options: Options) -> IService:
     settings = options.settings
     if settings is None:
         settings = options.load()
-    return build(reactor, settings)
+    reactor.callWhenRunning(exit_zero_on_sigterm, reactor)
+    return build(reactor, settings, options.log_observer)
+
+
+def exit_zero_on_sigterm(reactor: Any) -> None:
+    """
+    Make SIGTERM and SIGINT a clean shutdown that exits 0.
+
+    twistd's own handlers remember the signal and re-raise it on the process
+    after the reactor stops, so the exit status would say "killed by
+    SIGTERM".  A requested stop is a success: the tree is stopped in reverse
+    order (the before-shutdown trigger), then the process exits 0.  A second
+    signal during the stop is ignored rather than raising.
+    """
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        if reactor.running:
+            reactor.callFromThread(_stop_once, reactor)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _stop_once(reactor: Any) -> None:
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass

@@ -62,10 +62,24 @@ class KernelService(Service):
 
     log = Logger()
 
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, log_observer: Any = None) -> None:
         super().__init__()
         self.kernel = kernel
+        self.log_observer = log_observer
         self.setName("piccolod")
+
+    def setServiceParent(self, parent: Any) -> None:
+        """
+        Join ``parent``; when it is twistd's application, also give it the
+        configured log observer (twistd starts logging to an application's
+        ``ILogObserver`` component after building the tree).
+        """
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         super().startService()

@@ -23,6 +23,9 @@ import pytest
 
 T = TypeVar("T")
 
+#: twistd of this Python environment.
+TWISTD = [str(Path(sys.executable).with_name("twistd"))]
+
 REQUIRE = os.environ.get("PICCOLOD_REQUIRE_INTEGRATION") == "1"
 
 
@@ -82,8 +85,7 @@ class Daemon:
     ) -> None:
         self.state_dir = state_dir
         self.log_path = state_dir.parent / f"{state_dir.name}.log"
-        twistd = [sys.executable, "-m", "twisted"]
-        cmd = [*twistd]
+        cmd = list(TWISTD)
         if reactor:
             cmd.append(f"--reactor={reactor}")
         cmd += [
