@@ -52,6 +52,25 @@ class DaemonConfig:
 
 
 @attrs.frozen
+class JobsConfig:
+    """``[jobs]``: concurrency per job class and the history kept."""
+
+    limits: Mapping[str, int] = attrs.field(factory=lambda: {"export": 1, "rebuild": 2})
+    default_limit: int = 2
+    history: int = 200
+
+
+@attrs.frozen
+class TelemetryConfig:
+    """``[telemetry]``: sampling, reactor lag and health escalation."""
+
+    interval: float = 15.0
+    lag_probe: float = 0.5
+    lag_warn: float = 0.25
+    error_grace: float = 60.0
+
+
+@attrs.frozen
 class LogConfig:
     level: str = "info"
     format: str = "text"
@@ -70,11 +89,18 @@ class Config:
 
     daemon: DaemonConfig = DaemonConfig()
     log: LogConfig = LogConfig()
+    jobs: JobsConfig = JobsConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     subsystems: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     source: str | None = None
 
 
-_SECTIONS: dict[str, type[Any]] = {"daemon": DaemonConfig, "log": LogConfig}
+_SECTIONS: dict[str, type[Any]] = {
+    "daemon": DaemonConfig,
+    "log": LogConfig,
+    "jobs": JobsConfig,
+    "telemetry": TelemetryConfig,
+}
 
 
 def _coerce(section: str, cls: type[Any], raw: Mapping[str, Any], errors: list[str]) -> Any:
@@ -87,7 +113,15 @@ def _coerce(section: str, cls: type[Any], raw: Mapping[str, Any], errors: list[s
             )
             continue
         default = fields[key].default
-        if isinstance(default, tuple):
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()  # type: ignore[call-arg]
+        if isinstance(default, dict):
+            if not isinstance(value, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value.values()
+            ):
+                errors.append(f"[{section}] {key} must be a table of positive integers")
+                continue
+        elif isinstance(default, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 errors.append(f"[{section}] {key} must be a list of strings")
                 continue
@@ -138,6 +172,8 @@ def parse_partial(data: Mapping[str, Any], source: str | None = None) -> tuple[C
     config = Config(
         daemon=built.get("daemon", DaemonConfig()),
         log=built.get("log", LogConfig()),
+        jobs=built.get("jobs", JobsConfig()),
+        telemetry=built.get("telemetry", TelemetryConfig()),
         subsystems={
             k: dict(v) for k, v in data.get("subsystems", {}).items() if isinstance(v, dict)
         }
@@ -156,6 +192,11 @@ def validate(config: Config) -> list[str]:
         errors.append("[log] level must be one of debug, info, warn, error, critical")
     if config.log.format not in ("text", "json"):
         errors.append("[log] format must be one of text, json")
+    for name in ("interval", "lag_probe", "lag_warn", "error_grace"):
+        if getattr(config.telemetry, name) <= 0:
+            errors.append(f"[telemetry] {name} must be positive")
+    if config.jobs.default_limit < 1 or config.jobs.history < 1:
+        errors.append("[jobs] default_limit and history must be at least 1")
     if config.daemon.stop_timeout <= 0:
         errors.append("[daemon] stop_timeout must be positive")
     if not config.daemon.state_dir:

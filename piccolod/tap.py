@@ -207,11 +207,14 @@ def build(reactor: Any, settings: Settings, log_observer: Any = None) -> IServic
     from piccolod.kernel.bus import MemoryEventBus
     from piccolod.kernel.dispatcher import CommandDispatcher
     from piccolod.kernel.health import HealthTracker
+    from piccolod.kernel.jobs import JobRunner
     from piccolod.kernel.leadership import LeadershipRegistry
+    from piccolod.kernel.metrics import KernelMetrics
     from piccolod.kernel.observer import LeadershipObserver
     from piccolod.kernel.runtime import Kernel, KernelService
     from piccolod.kernel.sdnotify import SystemdNotifier
     from piccolod.kernel.supervisor import Supervisor
+    from piccolod.kernel.telemetry import HealthEscalator, ReactorLagMonitor, TelemetrySampler
 
     config = settings.config
     state_dir = Path(config.daemon.state_dir).absolute()
@@ -228,6 +231,24 @@ def build(reactor: Any, settings: Settings, log_observer: Any = None) -> IServic
     supervisor = Supervisor(
         reactor, bus, health, notifier=SystemdNotifier.from_environ(reactor, os.environ)
     )
+    jobs = JobRunner(
+        reactor,
+        bus,
+        limits=dict(config.jobs.limits),
+        default_limit=config.jobs.default_limit,
+        history=config.jobs.history,
+    )
+    telemetry = config.telemetry
+    lag = ReactorLagMonitor(reactor, interval=telemetry.lag_probe)
+    metrics = KernelMetrics.build(
+        reactor,
+        bus=bus,
+        dispatcher=dispatcher,
+        jobs=jobs,
+        supervisor=supervisor,
+        health=health,
+        lag=lambda: lag.last,
+    )
     kernel = Kernel(
         reactor=reactor,
         bus=bus,
@@ -240,7 +261,17 @@ def build(reactor: Any, settings: Settings, log_observer: Any = None) -> IServic
         state_dir=state_dir,
         selected={slot: plugin.variant for slot, (plugin, _) in settings.chosen.items()},
         started_at=reactor.seconds(),
+        jobs=jobs,
+        metrics=metrics,
     )
+    kernel_services = [
+        jobs,
+        lag,
+        TelemetrySampler(
+            jobs, bus, health, lag, interval=telemetry.interval, lag_warn=telemetry.lag_warn
+        ),
+        HealthEscalator(reactor, bus, supervisor, grace=telemetry.error_grace),
+    ]
     stop_timeout = config.daemon.stop_timeout
     supervisor.add_child(
         ChildSpec(
@@ -262,7 +293,7 @@ def build(reactor: Any, settings: Settings, log_observer: Any = None) -> IServic
                 stop_timeout=stop_timeout,
             )
         )
-    return KernelService(kernel, log_observer=log_observer)
+    return KernelService(kernel, log_observer=log_observer, services=kernel_services)
 
 
 def _build_slot(kernel: Any, settings: Settings, slot: str) -> IService:

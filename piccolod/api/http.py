@@ -65,6 +65,16 @@ class JSONResponse:
     content_type: bytes = JSON
 
 
+@attrs.frozen
+class RawResponse:
+    """A non-JSON body (``/metrics`` text, static files)."""
+
+    body: bytes
+    content_type: bytes
+    status: int = 200
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+
+
 def problem_response(error: PiccolodError, instance: str = "") -> JSONResponse:
     """The problem+json response of a typed error."""
     body = error.problem()
@@ -102,10 +112,18 @@ class Router(Resource):
 
     isLeaf = True
 
-    def __init__(self, max_body: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        max_body: int = 1 << 20,
+        observe: Callable[[str, str, int, float], None] | None = None,
+        clock: Any = None,
+    ) -> None:
         super().__init__()
         self._routes: list[Route] = []
         self.max_body = max_body
+        #: ``observe(method, route template, status, seconds)`` after each response.
+        self.observe = observe
+        self.clock = clock
 
     def route(self, method: str, template: str, name: str | None = None) -> Callable[..., Any]:
         """Decorator registering ``handler(request, **params)``."""
@@ -143,8 +161,12 @@ class Router(Resource):
     def render(self, request: Request) -> int | bytes:  # type: ignore[override]
         method = (request.method or b"GET").decode("ascii", "replace").upper()
         path = (request.path or b"/").decode("utf-8", "replace")
+        request._piccolod_route = "unmatched"  # type: ignore[attr-defined]
+        if self.clock is not None:
+            request._piccolod_start = self.clock.seconds()  # type: ignore[attr-defined]
         try:
             route, params = self.match(method, path)
+            request._piccolod_route = route.template  # type: ignore[attr-defined]
             length = request.getHeader(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 raise TooLarge(f"request bodies are limited to {self.max_body} bytes")
@@ -170,10 +192,13 @@ class Router(Resource):
         self._write(request, problem_response(error, path))
         return None
 
-    def _write(self, request: Request, response: JSONResponse) -> None:
+    def _write(self, request: Request, response: JSONResponse | RawResponse) -> None:
         if request._disconnected or request.finished:  # type: ignore[attr-defined]
             return
-        body = json.dumps(response.body, separators=(",", ":"), default=_default).encode()
+        if isinstance(response, RawResponse):
+            body = response.body
+        else:
+            body = json.dumps(response.body, separators=(",", ":"), default=_default).encode()
         request.setResponseCode(response.status)
         request.setHeader(b"content-type", response.content_type)
         for name, value in SECURITY_HEADERS.items():
@@ -184,10 +209,19 @@ class Router(Resource):
         if request.method != b"HEAD":
             request.write(body)
         request.finish()
+        if self.observe is not None:
+            start = getattr(request, "_piccolod_start", None)
+            duration = self.clock.seconds() - start if start is not None else 0.0
+            self.observe(
+                (request.method or b"").decode("ascii", "replace"),
+                request._piccolod_route,  # type: ignore[attr-defined]
+                response.status,
+                duration,
+            )
 
 
-def _as_response(result: Any) -> JSONResponse:
-    if isinstance(result, JSONResponse):
+def _as_response(result: Any) -> JSONResponse | RawResponse:
+    if isinstance(result, (JSONResponse, RawResponse)):
         return result
     return JSONResponse(result)
 
@@ -226,6 +260,7 @@ def read_json(request: Request, max_body: int = 1 << 20) -> Any:
 __all__ = [
     "JSONResponse",
     "MethodNotAllowed",
+    "RawResponse",
     "Router",
     "problem_response",
     "read_json",

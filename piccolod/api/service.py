@@ -35,13 +35,13 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 import piccolod
-from piccolod.errors import NotReady
+from piccolod.errors import InvalidCommand, NotFound, NotReady
 from piccolod.interfaces import ISupervisedService
 from piccolod.kernel.aio import async_to_deferred
 from piccolod.kernel.plugins import SubsystemContext
 from piccolod.kernel.runtime import Kernel
 
-from .http import JSONResponse, Router, problem_response
+from .http import JSONResponse, RawResponse, Router, problem_response
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -110,6 +110,40 @@ def kernel_routes(router: Router, kernel: Kernel) -> None:
     def supervisor(request: Request) -> Any:
         return {"children": [c.to_json() for c in kernel.supervisor.children()]}
 
+    @router.route("GET", "/metrics")
+    def metrics(request: Request) -> Any:
+        if kernel.metrics is None:
+            raise NotFound("metrics are not enabled")
+        from piccolod.kernel.metrics import CONTENT_TYPE
+
+        return RawResponse(kernel.metrics.render(), CONTENT_TYPE.encode())
+
+    def runner() -> Any:
+        if kernel.jobs is None:
+            raise NotFound("this daemon has no job runner")
+        return kernel.jobs
+
+    @router.route("GET", "/api/v1/jobs")
+    def jobs(request: Request) -> Any:
+        state = request.args.get(b"state", [b""])[0].decode() or None
+        try:
+            found = runner().jobs(state)
+        except (ValueError, KeyError):
+            raise InvalidCommand(
+                "state must be one of queued, running, succeeded, failed, cancelled"
+            ) from None
+        return {"jobs": [j.to_json() for j in found], "stats": runner().stats()}
+
+    @router.route("GET", "/api/v1/jobs/{job_id}")
+    def job(request: Request, job_id: str) -> Any:
+        return runner().get(job_id).to_json()
+
+    @router.route("POST", "/api/v1/jobs/{job_id}/cancel")
+    async def cancel(request: Request, job_id: str) -> Any:
+        handle = runner().get(job_id)
+        state = await handle.cancel()
+        return JSONResponse({"id": job_id, "state": getattr(state, "value", state)}, 202)
+
     @router.route("GET", "/api/v1")
     def index(request: Request) -> Any:
         return {
@@ -138,7 +172,12 @@ class APIService(Service):  # type: ignore[misc]
 
     @classmethod
     def from_context(cls, ctx: SubsystemContext) -> APIService:
-        router = Router(max_body=int(ctx.config["max_body"]))
+        metrics = ctx.kernel.metrics
+        router = Router(
+            max_body=int(ctx.config["max_body"]),
+            observe=metrics.http.observe if metrics is not None else None,
+            clock=ctx.kernel.reactor,
+        )
         kernel_routes(router, ctx.kernel)
         return cls(kernel=ctx.kernel, listen=str(ctx.config["listen"]), router=router)
 

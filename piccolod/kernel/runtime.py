@@ -7,12 +7,12 @@ subsystems receive it and use its parts through their interfaces.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.application.service import Service
+from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
@@ -48,6 +48,10 @@ class Kernel:
     selected: Mapping[str, str] = attrs.field(factory=dict)
     #: Clock time at which the kernel was built.
     started_at: float = 0.0
+    #: The job runner (``IJobRunner``), when the kernel has one.
+    jobs: Any = None
+    #: The ``KernelMetrics`` that ``/metrics`` serves, when enabled.
+    metrics: Any = None
 
 
 class KernelService(Service):
@@ -62,10 +66,15 @@ class KernelService(Service):
 
     log = Logger()
 
-    def __init__(self, kernel: Kernel, log_observer: Any = None) -> None:
+    def __init__(
+        self, kernel: Kernel, log_observer: Any = None, services: Sequence[IService] = ()
+    ) -> None:
         super().__init__()
         self.kernel = kernel
         self.log_observer = log_observer
+        #: Kernel services (job runner, telemetry) started before the
+        #: supervised tree and stopped after it.
+        self.services = list(services)
         self.setName("piccolod")
 
     def setServiceParent(self, parent: Any) -> None:
@@ -88,6 +97,8 @@ class KernelService(Service):
             node_id=self.kernel.node_id,
             subsystems=dict(self.kernel.selected),
         )
+        for service in self.services:
+            service.startService()
         self.kernel.supervisor.startService()
         ready = self.kernel.supervisor.when_ready()
         ready.addCallbacks(
@@ -102,6 +113,11 @@ class KernelService(Service):
     async def _stop(self) -> None:
         try:
             await maybeDeferred(self.kernel.supervisor.stopService)  # type: ignore[attr-defined]
+            for service in reversed(self.services):
+                try:
+                    await maybeDeferred(service.stopService)
+                except Exception:
+                    self.log.failure("while stopping {service}", service=service)
         finally:
             stop = getattr(self.kernel.dispatcher, "stop", None)
             if stop is not None:
