@@ -466,6 +466,40 @@ class IdempotencyTests(DispatcherTestCase):
         self.failureResultOf(dispatcher.dispatch(Quiet(), context), Conflict)
         self.assertEqual(len(handler.calls), 1)
 
+    def test_reentrant_duplicate_joins_the_run(self) -> None:
+        """A handler dispatching its own command id again joins its own run."""
+        dispatcher = self.make()
+        inner: list[Deferred[Result]] = []
+
+        def handler(command: Echo, context: CommandContext) -> Echoed:
+            inner.append(dispatcher.dispatch(command, context))
+            self.assertNoResult(inner[0])
+            return Echoed("outer")
+
+        dispatcher.register(Echo, handler)
+        context = CommandContext(command_id="c1")
+        self.assertEqual(
+            self.successResultOf(dispatcher.dispatch(Echo(), context)), Echoed("outer")
+        )
+        self.assertEqual(self.successResultOf(inner[0]), Echoed("outer"))
+
+    def test_shared_retryable_failure_is_forgotten(self) -> None:
+        """A shared run failing with a retryable error fails every caller and is forgotten."""
+        dispatcher = self.make()
+        pending = Pending()
+        dispatcher.register(Echo, pending)
+        context = CommandContext(command_id="c1")
+        d1 = dispatcher.dispatch(Echo(), context)
+        d2 = dispatcher.dispatch(Echo(), context)
+        pending.deferreds[0].errback(TransientError())
+        self.failureResultOf(d1, TransientError)
+        self.failureResultOf(d2, TransientError)
+        self.assertEqual(len(dispatcher.idempotency), 0)
+        d3 = dispatcher.dispatch(Echo(), context)
+        self.assertEqual(len(pending.deferreds), 2)
+        pending.deferreds[1].callback(Done())
+        self.successResultOf(d3)
+
     def test_reused_id_conflicts_while_running(self) -> None:
         """A concurrent dispatch of another command under a running id fails with Conflict."""
         dispatcher = self.make()
@@ -678,11 +712,26 @@ class TimeoutTests(DispatcherTestCase):
             self.failureResultOf(d, CommandTimeout)
 
     def test_no_timer_for_synchronous_results(self) -> None:
-        """A handler answering synchronously leaves no delayed call behind."""
+        """A handler answering synchronously never makes the dispatcher arm a timer."""
+        scheduled: list[float] = []
+
+        class CountingClock(Clock):
+            def callLater(self, delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
+                scheduled.append(delay)
+                return super().callLater(delay, f, *args, **kwargs)
+
+        self.clock = CountingClock()
         dispatcher = self.make()
         dispatcher.register(Echo, echo)
-        self.successResultOf(dispatcher.dispatch(Echo()))
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        dispatcher.register(Flaky, Recorder(NotFound()))
+        self.successResultOf(dispatcher.dispatch(Echo(), CommandContext(command_id="c1")))
+        self.failureResultOf(dispatcher.dispatch(Flaky()), NotFound)
+        self.assertEqual(scheduled, [])
+        dispatcher.register(Slow, Pending())
+        d = dispatcher.dispatch(Slow())
+        self.assertEqual(scheduled, [5.0])
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
 
     def test_timely_answer_cancels_timer(self) -> None:
         """An answer before the deadline cancels the timer and is returned."""
