@@ -40,3 +40,26 @@ class NotAService:
     @classmethod
     def from_context(cls, ctx: Any) -> NotAService:
         return cls()
+
+
+class ReactorBlocker(Service):
+    """
+    Blocks the reactor thread once: ``delay`` seconds after start it runs a
+    blocking ``time.sleep(seconds)`` on the reactor, as a buggy subsystem
+    would.  Used to show that the systemd watchdog pings stop then.
+    """
+
+    def __init__(self, reactor: Any, delay: float, seconds: float) -> None:
+        self.reactor = reactor
+        self.delay = delay
+        self.seconds = seconds
+
+    @classmethod
+    def from_context(cls, ctx: Any) -> ReactorBlocker:
+        return cls(ctx.reactor, float(ctx.config["delay"]), float(ctx.config["seconds"]))
+
+    def startService(self) -> None:
+        super().startService()
+        import time
+
+        self.reactor.callLater(self.delay, time.sleep, self.seconds)
