@@ -337,6 +337,9 @@ class _Run:
                 waiter.callback(result)
 
 
+#: An idempotency key: ``(subject, command id)``.
+_Key = tuple[str, str]
+
 #: Failures the idempotency table does *not* remember: the command did not
 #: (or may not have) run to a decision, so the same command id must be able
 #: to run again.  Retryable errors (``retryable = True``), untyped errors
@@ -364,7 +367,9 @@ def remembered(failure: Failure) -> bool:
 @attrs.define(eq=False)
 class IdempotencyMiddleware(ChainedMiddleware):
     """
-    Deduplicates commands by ``context.command_id``.
+    Deduplicates commands by ``context.command_id``, per
+    ``context.subject``: command ids are the caller's, so two subjects never
+    see each other's commands or results.
 
     - A command id whose outcome is known is answered from the table for
       ``ttl`` seconds (clock time) after that outcome became known: the same
@@ -383,18 +388,23 @@ class IdempotencyMiddleware(ChainedMiddleware):
       dispatch; at most ``max_entries`` finished ids are kept (the oldest
       are evicted first).  Running commands are never evicted.
 
-    Finished ids live in two plain dicts (command, outcome) and the deque
-    holds ``(expiry, id)`` pairs, so remembering an outcome allocates no
-    object that the garbage collector has to keep visiting.
+    Finished ids live in two plain dicts (command, outcome) keyed by
+    ``(subject, command id)`` and the deque holds ``(expiry, key)`` pairs, so
+    remembering an outcome allocates no object that the garbage collector
+    has to keep visiting (tuples of strings and floats are untracked).
+
+    Remembered commands and results stay in memory for the TTL, secrets
+    they carry included (a password, a new recovery key): that is the price
+    of answering a retried ``persistence.setup`` with the same recovery key.
     """
 
     clock: IReactorTime
     ttl: float = 300.0
     max_entries: int = 10_000
-    _running: dict[str, Command | _Run] = attrs.field(init=False, factory=dict)
-    _commands: dict[str, Command] = attrs.field(init=False, factory=dict)
-    _outcomes: dict[str, Any] = attrs.field(init=False, factory=dict)
-    _expiry: deque[tuple[float, str]] = attrs.field(init=False, factory=deque)
+    _running: dict[_Key, Command | _Run] = attrs.field(init=False, factory=dict)
+    _commands: dict[_Key, Command] = attrs.field(init=False, factory=dict)
+    _outcomes: dict[_Key, Any] = attrs.field(init=False, factory=dict)
+    _expiry: deque[tuple[float, _Key]] = attrs.field(init=False, factory=deque)
 
     def __attrs_post_init__(self) -> None:
         if not self.ttl >= 0:
@@ -421,43 +431,45 @@ class IdempotencyMiddleware(ChainedMiddleware):
         settle = self._settle
 
         def idempotency(command: Command, context: CommandContext) -> Deferred[Any]:
-            command_id = context.command_id
-            if command_id is None:
+            if context.command_id is None:
                 return next(command, context)
+            key = (context.subject, context.command_id)
             now = seconds()
             if expiry and expiry[0][0] <= now:
                 sweep()
-            if command_id in outcomes:
-                return answer(command_id, command)
-            if command_id in running:
-                return join(command_id, command)
-            running[command_id] = command
+            if key in outcomes:
+                return answer(key, command)
+            if key in running:
+                return join(key, command)
+            running[key] = command
             d = next(command, context)
             if d.called and not d.paused:
-                run = running.pop(command_id, None)
+                run = running.pop(key, None)
                 result = d.result
                 if isinstance(result, Failure):
-                    record(command_id, command, result)
+                    record(key, command, result)
                 else:  # _record, inlined for the hot path
-                    commands[command_id] = command
-                    outcomes[command_id] = result
-                    expiry.append((now + ttl, command_id))
+                    commands[key] = command
+                    outcomes[key] = result
+                    expiry.append((now + ttl, key))
                     if len(expiry) > max_entries:
                         _, old = expiry.popleft()
                         del commands[old], outcomes[old]
                 if isinstance(run, _Run):  # joined re-entrantly
                     run.answer(result)
                 return d
-            run = running.get(command_id)
+            run = running.get(key)
             if not isinstance(run, _Run):
-                run = running[command_id] = _Run(command)
+                run = running[key] = _Run(command)
             run.execution = d
-            d.addBoth(settle, command_id, run)
+            d.addBoth(settle, key, run)
             return run.join()
 
         return idempotency
 
-    def _conflict(self, command_id: str) -> Deferred[Any]:
+    @staticmethod
+    def _conflict(key: _Key) -> Deferred[Any]:
+        command_id = key[1]
         return fail(
             Conflict(
                 f"command id {command_id!r} was used for another command",
@@ -465,41 +477,41 @@ class IdempotencyMiddleware(ChainedMiddleware):
             )
         )
 
-    def _answer(self, command_id: str, command: Command) -> Deferred[Any]:
-        first = self._commands[command_id]
+    def _answer(self, key: _Key, command: Command) -> Deferred[Any]:
+        first = self._commands[key]
         if first is not command and first != command:
-            return self._conflict(command_id)
-        outcome = self._outcomes[command_id]
+            return self._conflict(key)
+        outcome = self._outcomes[key]
         if isinstance(outcome, Failure):
             return fail(outcome)
         return succeed(outcome)
 
-    def _join(self, command_id: str, command: Command) -> Deferred[Any]:
-        run = self._running[command_id]
+    def _join(self, key: _Key, command: Command) -> Deferred[Any]:
+        run = self._running[key]
         first = run.command if isinstance(run, _Run) else run
         if first is not command and first != command:
-            return self._conflict(command_id)
+            return self._conflict(key)
         if not isinstance(run, _Run):  # joining a run still inside its synchronous call
-            run = self._running[command_id] = _Run(first)
+            run = self._running[key] = _Run(first)
         return run.join()
 
-    def _record(self, command_id: str, command: Command, outcome: Any) -> None:
+    def _record(self, key: _Key, command: Command, outcome: Any) -> None:
         if isinstance(outcome, Failure) and not remembered(outcome):
             return
-        self._commands[command_id] = command
-        self._outcomes[command_id] = outcome
+        self._commands[key] = command
+        self._outcomes[key] = outcome
         expiry = self._expiry
-        expiry.append((self.clock.seconds() + self.ttl, command_id))
+        expiry.append((self.clock.seconds() + self.ttl, key))
         if len(expiry) > self.max_entries:
             _, old = expiry.popleft()
             del self._commands[old], self._outcomes[old]
 
-    def _settle(self, result: Any, command_id: str, run: _Run) -> None:
+    def _settle(self, result: Any, key: _Key, run: _Run) -> None:
         """The end of an asynchronous run: record it and answer its callers."""
         run.execution = None
-        if self._running.get(command_id) is run:
-            del self._running[command_id]
-            self._record(command_id, run.command, result)
+        if self._running.get(key) is run:
+            del self._running[key]
+            self._record(key, run.command, result)
         run.answer(result)
 
     def _sweep(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -155,114 +156,102 @@ class DispatcherTestCase(SynchronousTestCase):
 
 
 # --------------------------------------------------------------------------
-# Registration and dispatch basics
+# The contract every ICommandDispatcher keeps (the real one and the fake)
 
 
-class RegistrationTests(DispatcherTestCase):
-    def test_provides_interface(self) -> None:
-        """CommandDispatcher provides ICommandDispatcher with the interface's parameter names."""
-        dispatcher = self.make()
+class DispatcherContract:
+    """
+    What callers may rely on from any ``ICommandDispatcher``; bound below to
+    ``CommandDispatcher`` and ``FakeCommandDispatcher``.
+    """
+
+    def make_dispatcher(self) -> ICommandDispatcher:
+        raise NotImplementedError
+
+    def test_provides_interface(self: Any) -> None:
+        """It provides ICommandDispatcher with the interface's parameter names."""
+        dispatcher = self.make_dispatcher()
         self.assertTrue(verifyObject(ICommandDispatcher, dispatcher))
         assert_parameter_names(self, ICommandDispatcher, dispatcher)
 
-    def test_register_refuses_duplicate(self) -> None:
+    def test_register_refuses_duplicate(self: Any) -> None:
         """A second handler for one command name is refused and the first stays."""
-        dispatcher = self.make()
+        dispatcher = self.make_dispatcher()
         dispatcher.register(Echo, echo)
         with self.assertRaises(DuplicateRegistration):
             dispatcher.register(Echo, Recorder(Echoed("other")))
         result = self.successResultOf(dispatcher.dispatch(Echo("hi")))
         self.assertEqual(result, Echoed("hi"))
 
-    def test_register_refuses_non_command_types(self) -> None:
+    def test_register_refuses_non_command_types(self: Any) -> None:
         """Registering something that is not a named Command type, or no callable, fails."""
-        dispatcher = self.make()
+        dispatcher = self.make_dispatcher()
 
         class Nameless(Command):
             pass
 
-        for bad in (str, Nameless, Echo("x")):
+        for bad in (str, Nameless, Echo("x"), "test.echo"):
             with self.assertRaises(InvalidCommand):
-                dispatcher.register(bad, echo)  # type: ignore[arg-type]
+                dispatcher.register(bad, echo)
         with self.assertRaises(InvalidCommand):
-            dispatcher.register(Echo, "not callable")  # type: ignore[arg-type]
-        self.assertEqual(dispatcher.names(), [])
+            dispatcher.register(Echo, "not callable")
+        self.assertEqual(list(dispatcher.names()), [])
 
-    def test_names_and_unregister(self) -> None:
+    def test_names_and_unregister(self: Any) -> None:
         """names() is sorted; unregister removes a handler and is idempotent."""
-        dispatcher = self.make()
+        dispatcher = self.make_dispatcher()
         dispatcher.register(Guarded, Recorder(Done()))
         dispatcher.register(Echo, echo)
-        self.assertEqual(dispatcher.names(), ["test.echo", "test.guarded"])
+        self.assertEqual(list(dispatcher.names()), ["test.echo", "test.guarded"])
         dispatcher.unregister(Echo)
         dispatcher.unregister(Echo)
-        self.assertEqual(dispatcher.names(), ["test.guarded"])
+        self.assertEqual(list(dispatcher.names()), ["test.guarded"])
         self.failureResultOf(dispatcher.dispatch(Echo("x")), UnknownCommand)
 
-    def test_unknown_command(self) -> None:
+    def test_unknown_command(self: Any) -> None:
         """Dispatching a name with no handler fails with UnknownCommand."""
-        dispatcher = self.make()
+        dispatcher = self.make_dispatcher()
         failure = self.failureResultOf(dispatcher.dispatch(Echo("x")), UnknownCommand)
         self.assertIn("test.echo", str(failure.value))
 
-    def test_invalid_command_or_context(self) -> None:
+    def test_invalid_command_or_context(self: Any) -> None:
         """A non-Command or a non-CommandContext fails with InvalidCommand, never raising."""
-        dispatcher = self.make()
+        dispatcher = self.make_dispatcher()
         dispatcher.register(Echo, echo)
-        self.failureResultOf(dispatcher.dispatch("test.echo"), InvalidCommand)  # type: ignore[arg-type]
-        self.failureResultOf(dispatcher.dispatch(None), InvalidCommand)  # type: ignore[arg-type]
-        self.failureResultOf(
-            dispatcher.dispatch(Echo("x"), {"command_id": "1"}),  # type: ignore[arg-type]
-            InvalidCommand,
-        )
+        self.failureResultOf(dispatcher.dispatch("test.echo"), InvalidCommand)
+        self.failureResultOf(dispatcher.dispatch(None), InvalidCommand)
+        self.failureResultOf(dispatcher.dispatch(Echo("x"), {"command_id": "1"}), InvalidCommand)
 
-    def test_bad_constructor_arguments(self) -> None:
-        """A clock that is no IReactorTime, a non-positive timeout or TTL are refused."""
-        with self.assertRaises(TypeError):
-            CommandDispatcher(object())  # type: ignore[arg-type]
-        with self.assertRaises(ValueError):
-            CommandDispatcher(Clock(), default_timeout=0)
-        with self.assertRaises(ValueError):
-            CommandDispatcher(Clock(), idempotency_ttl=-1)
-        with self.assertRaises(ValueError):
-            CommandDispatcher(Clock(), idempotency_max=0)
-
-
-# --------------------------------------------------------------------------
-# Handlers
-
-
-class HandlerTests(DispatcherTestCase):
-    def test_sync_handler(self) -> None:
+    def test_sync_handler(self: Any) -> None:
         """A plain function's Result is the dispatch result, and the handler gets the context."""
-        dispatcher = self.make()
+        dispatcher = self.make_dispatcher()
         handler = Recorder(Echoed("a"))
         dispatcher.register(Echo, handler)
         context = CommandContext(subject="admin", source="api")
         self.assertEqual(self.successResultOf(dispatcher.dispatch(Echo(), context)), Echoed("a"))
         self.assertEqual(handler.calls, [(Echo(), context)])
 
-    def test_default_context(self) -> None:
+    def test_default_context(self: Any) -> None:
         """Without a context the handler gets a default internal one."""
-        dispatcher = self.make()
+        dispatcher = self.make_dispatcher()
         handler = Recorder(Done())
         dispatcher.register(Echo, handler)
         self.successResultOf(dispatcher.dispatch(Echo()))
         self.assertEqual(handler.calls[0][1], CommandContext())
 
-    def test_deferred_handler(self) -> None:
+    def test_deferred_handler(self: Any) -> None:
         """A handler's Deferred is awaited: no result until it fires."""
-        dispatcher = self.make()
-        pending = Pending()
-        dispatcher.register(Echo, pending)
+        dispatcher = self.make_dispatcher()
+        gate: Deferred[Result] = Deferred()
+        dispatcher.register(Echo, Recorder(gate))
         d = dispatcher.dispatch(Echo("x"))
         self.assertNoResult(d)
-        pending.deferreds[0].callback(Echoed("late"))
+        gate.callback(Echoed("late"))
         self.assertEqual(self.successResultOf(d), Echoed("late"))
 
-    def test_async_def_handler(self) -> None:
+    def test_async_def_handler(self: Any) -> None:
         """An ``async def`` handler's result is awaited, including its own awaits."""
-        dispatcher = self.make()
+        dispatcher = self.make_dispatcher()
         gate: Deferred[str] = Deferred()
 
         async def handler(command: Echo, context: CommandContext) -> Echoed:
@@ -275,9 +264,9 @@ class HandlerTests(DispatcherTestCase):
         gate.callback("b")
         self.assertEqual(self.successResultOf(d), Echoed("ab"))
 
-    def test_non_result_is_a_typed_internal_error(self) -> None:
+    def test_non_result_is_a_typed_internal_error(self: Any) -> None:
         """A non-Result answer (sync, Deferred or async) fails with InvalidHandlerResult."""
-        dispatcher = self.make()
+        dispatcher = self.make_dispatcher()
 
         async def coroutine_none(command: Command, context: CommandContext) -> None:
             return None
@@ -293,6 +282,75 @@ class HandlerTests(DispatcherTestCase):
             failure = self.failureResultOf(dispatcher.dispatch(Echo()), InvalidHandlerResult)
             self.assertEqual(failure.value.status, 500)
             self.assertIn("not a Result", str(failure.value))
+
+    def test_typed_handler_error_reaches_caller(self: Any) -> None:
+        """A typed error raised by the handler is the dispatch's failure."""
+        dispatcher = self.make_dispatcher()
+        dispatcher.register(Echo, Recorder(NotFound("no such thing")))
+        failure = self.failureResultOf(dispatcher.dispatch(Echo()), NotFound)
+        self.assertEqual(str(failure.value), "no such thing")
+
+    def test_empty_slots_take_middleware_once(self: Any) -> None:
+        """metrics and policy slots take one middleware each, run outermost first."""
+        dispatcher = self.make_dispatcher()
+        log: list[str] = []
+        dispatcher.add_middleware("policy", recording("policy", log))
+        dispatcher.add_middleware("metrics", recording("metrics", log))
+        with self.assertRaises(DuplicateRegistration):
+            dispatcher.add_middleware("policy", recording("again", log))
+        with self.assertRaises(InvalidCommand):
+            dispatcher.add_middleware("nonsense", recording("x", log))
+        dispatcher.register(Echo, echo)
+        self.successResultOf(dispatcher.dispatch(Echo()))
+        self.assertEqual(log, ["metrics", "policy"])
+
+    def test_policy_middleware_can_refuse(self: Any) -> None:
+        """A policy middleware raising PolicyDenied fails the dispatch; the handler never runs."""
+        dispatcher = self.make_dispatcher()
+
+        def deny(command: Command, context: CommandContext, next: Next) -> Deferred[Any]:
+            raise PolicyDenied(f"{context.subject} may not {command.name}")
+
+        dispatcher.add_middleware("policy", deny)
+        handler = Recorder(Done())
+        dispatcher.register(Echo, handler)
+        self.failureResultOf(dispatcher.dispatch(Echo()), PolicyDenied)
+        self.assertEqual(handler.calls, [])
+
+
+class CommandDispatcherContractTests(DispatcherContract, SynchronousTestCase):
+    def make_dispatcher(self) -> ICommandDispatcher:
+        clock = Clock()
+        dispatcher = CommandDispatcher(clock)
+
+        def stopped() -> None:
+            dispatcher.stop()
+            self.assertEqual(clock.getDelayedCalls(), [])
+
+        self.addCleanup(stopped)
+        return dispatcher
+
+
+class FakeDispatcherContractTests(DispatcherContract, SynchronousTestCase):
+    def make_dispatcher(self) -> ICommandDispatcher:
+        return FakeCommandDispatcher()
+
+
+# --------------------------------------------------------------------------
+# Handlers
+
+
+class HandlerTests(DispatcherTestCase):
+    def test_bad_constructor_arguments(self) -> None:
+        """A clock that is no IReactorTime, a non-positive timeout or TTL are refused."""
+        with self.assertRaises(TypeError):
+            CommandDispatcher(object())  # type: ignore[arg-type]
+        with self.assertRaises(ValueError):
+            CommandDispatcher(Clock(), default_timeout=0)
+        with self.assertRaises(ValueError):
+            CommandDispatcher(Clock(), idempotency_ttl=-1)
+        with self.assertRaises(ValueError):
+            CommandDispatcher(Clock(), idempotency_max=0)
 
     def test_untyped_exception_passes_through_and_is_logged(self) -> None:
         """An untyped handler exception reaches the caller as is and is logged as a failure."""
@@ -499,6 +557,20 @@ class IdempotencyTests(DispatcherTestCase):
         self.assertEqual(len(pending.deferreds), 2)
         pending.deferreds[1].callback(Done())
         self.successResultOf(d3)
+
+    def test_command_ids_are_per_subject(self) -> None:
+        """One command id from two subjects runs twice, never answering one with the other's."""
+        dispatcher = self.make()
+        handler = Recorder(Echoed("1"), Echoed("2"), Echoed("3"))
+        dispatcher.register(Echo, handler)
+        admin = CommandContext(command_id="c1", subject="admin")
+        token = CommandContext(command_id="c1", subject="token:t1")
+        self.assertEqual(self.successResultOf(dispatcher.dispatch(Echo(), admin)), Echoed("1"))
+        self.assertEqual(self.successResultOf(dispatcher.dispatch(Echo(), token)), Echoed("2"))
+        third = CommandContext(command_id="c1")  # system:kernel, with another command
+        self.successResultOf(dispatcher.dispatch(Echo("other"), third))
+        self.assertEqual(self.successResultOf(dispatcher.dispatch(Echo(), admin)), Echoed("1"))
+        self.assertEqual(len(handler.calls), 3)
 
     def test_reused_id_conflicts_while_running(self) -> None:
         """A concurrent dispatch of another command under a running id fails with Conflict."""
@@ -716,9 +788,11 @@ class TimeoutTests(DispatcherTestCase):
         scheduled: list[float] = []
 
         class CountingClock(Clock):
-            def callLater(self, delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
+            def callLater(
+                self, delay: float, callable: Callable[..., object], *args: object, **kw: object
+            ) -> IDelayedCall:
                 scheduled.append(delay)
-                return super().callLater(delay, f, *args, **kwargs)
+                return super().callLater(delay, callable, *args, **kw)
 
         self.clock = CountingClock()
         dispatcher = self.make()
@@ -1172,12 +1246,6 @@ class StopTests(DispatcherTestCase):
 
 
 class FakeDispatcherTests(SynchronousTestCase):
-    def test_provides_interface(self) -> None:
-        """FakeCommandDispatcher provides ICommandDispatcher with its parameter names."""
-        fake = FakeCommandDispatcher()
-        self.assertTrue(verifyObject(ICommandDispatcher, fake))
-        assert_parameter_names(self, ICommandDispatcher, fake)
-
     def test_records_and_answers_canned(self) -> None:
         """Dispatches are recorded; canned results and failures answer by name."""
         fake = FakeCommandDispatcher()
@@ -1218,21 +1286,6 @@ class FakeDispatcherTests(SynchronousTestCase):
         fake.clear(Echo)
         self.failureResultOf(fake.dispatch(Echo()), UnknownCommand)
 
-    def test_handlers_run_and_must_return_results(self) -> None:
-        """Registered handlers run (sync or async); a non-Result fails with InvalidHandlerResult."""
-        fake = FakeCommandDispatcher()
-
-        async def guarded(command: Command, context: CommandContext) -> Done:
-            return Done()
-
-        fake.register(Echo, echo)
-        fake.register(Guarded, guarded)
-        fake.register(Quiet, lambda c, x: "nope")
-        self.assertEqual(self.successResultOf(fake.dispatch(Echo("e"))), Echoed("e"))
-        self.assertEqual(self.successResultOf(fake.dispatch(Guarded())), Done())
-        self.failureResultOf(fake.dispatch(Quiet()), InvalidHandlerResult)
-        self.assertEqual(fake.names(), ["test.echo", "test.guarded", "test.quiet"])
-
     def test_canned_answer_beats_handler(self) -> None:
         """A canned answer is returned instead of calling the registered handler."""
         fake = FakeCommandDispatcher()
@@ -1242,21 +1295,16 @@ class FakeDispatcherTests(SynchronousTestCase):
         self.failureResultOf(fake.dispatch(Echo()), TransientError)
         self.assertEqual(handler.calls, [])
 
-    def test_registration_rules(self) -> None:
-        """Duplicates raise DuplicateRegistration; bad types and canned values are refused."""
+    def test_canned_values_are_checked(self) -> None:
+        """A canned result must be a Result and a canned failure an exception."""
         fake = FakeCommandDispatcher()
-        fake.register(Echo, echo)
-        with self.assertRaises(DuplicateRegistration):
-            fake.register(Echo, echo)
-        with self.assertRaises(InvalidCommand):
-            fake.register("test.echo", echo)  # type: ignore[arg-type]
         with self.assertRaises(TypeError):
             fake.set_result(Echo, "not a result")  # type: ignore[arg-type]
         with self.assertRaises(TypeError):
             fake.set_failure(Echo, "not an exception")  # type: ignore[arg-type]
-        fake.unregister(Echo)
-        fake.unregister(Echo)
-        self.assertEqual(fake.names(), [])
+        with self.assertRaises(InvalidCommand):
+            fake.set_result("", Done())
+        self.failureResultOf(fake.dispatch(Echo()), UnknownCommand)
 
     def test_invalid_dispatch(self) -> None:
         """A non-command fails with InvalidCommand and is not recorded."""
