@@ -132,6 +132,16 @@ def encode_responses(
     """
     if not answers:
         return []
+    whole = _message(
+        message_id=message_id,
+        answer=True,
+        queries=queries,
+        answers=answers,
+        authority=(),
+        additional=additional,
+    )
+    if len(whole) <= budget:
+        return [whole]  # the common case: one encoding, no size estimates
     fixed = MIN_PACKET + sum(_size(q) for q in queries)
     packets: list[list[dns.RRHeader]] = [[]]
     used = fixed

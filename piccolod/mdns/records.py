@@ -233,18 +233,22 @@ class Record:
     payload: Any = attrs.field(eq=False)
     unique: bool
     rdata: bytes
+    #: ``(lowercased name, type)``: what a question matches.
+    key: tuple[bytes, int] = attrs.field(init=False, eq=False)
+    #: ``(lowercased name, type, rdata)``: what makes two records the same.
+    ident: Ident = attrs.field(init=False, eq=False)
+
+    @key.default
+    def _key(self) -> tuple[bytes, int]:
+        return (self.name.lower(), self.rtype)
+
+    @ident.default
+    def _ident(self) -> Ident:
+        return (self.name.lower(), self.rtype, self.rdata)
 
     @classmethod
     def make(cls, name: bytes, rtype: int, ttl: int, payload: Any, unique: bool) -> Record:
         return cls(name, rtype, ttl, payload, unique, canonical_rdata(rtype, payload))
-
-    @property
-    def key(self) -> tuple[bytes, int]:
-        return (self.name.lower(), self.rtype)
-
-    @property
-    def ident(self) -> Ident:
-        return (self.name.lower(), self.rtype, self.rdata)
 
     def rr(self, ttl: int | None = None, flush: bool = True) -> dns.RRHeader:
         """
