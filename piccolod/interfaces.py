@@ -693,6 +693,246 @@ class IJobRunner(Interface):
         """Queue depths, and per class: counts by final state and durations."""
 
 
+# ==========================================================================
+# Persistence: the lock state, the control store and its repositories
+
+
+@attrs.frozen
+class AuthState:
+    """
+    The admin's credentials record.
+
+    @ivar sessions_epoch: bumped to invalidate every session at once.
+    """
+
+    initialized: bool = False
+    password_hash: str = attrs.field(default="", repr=False)
+    sessions_epoch: int = 0
+    updated_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """Without the password hash."""
+        return {
+            "initialized": self.initialized,
+            "sessions_epoch": self.sessions_epoch,
+            "updated_at": self.updated_at,
+        }
+
+
+@attrs.frozen
+class AppRecord:
+    """
+    An app's desired state as stored.
+
+    @ivar spec: the app spec as a JSON object.
+    @ivar generation: bumped by the store whenever ``spec`` or ``enabled``
+        changes (a put of identical content is not a change).
+    """
+
+    name: str
+    spec: Mapping[str, Any] = attrs.field(factory=dict)
+    enabled: bool = True
+    generation: int = 0
+    updated_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "spec": dict(self.spec),
+            "enabled": self.enabled,
+            "generation": self.generation,
+            "updated_at": self.updated_at,
+        }
+
+
+@attrs.frozen
+class RemoteConfigRecord:
+    """The remote-access configuration (a JSON object) as stored."""
+
+    config: Mapping[str, Any] = attrs.field(factory=dict)
+    updated_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": dict(self.config), "updated_at": self.updated_at}
+
+
+@attrs.frozen
+class AuditEntry:
+    """One audit trail row; ``id`` and ``time`` are set by the store."""
+
+    action: str
+    subject: str
+    outcome: str
+    resource: str = ""
+    detail: str = ""
+    decision_id: str = ""
+    time: float = 0.0
+    id: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class ControlStoreInfo:
+    """
+    What the control store is (served by ``persistence.status``).
+
+    @ivar revision: the last committed revision (0: none yet).
+    @ivar checksum: sha256 chain value of that revision.
+    """
+
+    open: bool
+    read_only: bool = False
+    revision: int = 0
+    checksum: str = ""
+    schema_version: int = 0
+    path: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+class IAuthRepository(Interface):
+    """The admin's credentials record.  All calls fail with ``Locked`` while locked."""
+
+    def get() -> Deferred[AuthState]:
+        """Fires with the record (``AuthState()`` before the first save)."""
+
+    def save(state: AuthState) -> Deferred[AuthState]:
+        """
+        Store the record in one transaction (one revision); fires with it as
+        stored (``updated_at`` set).  Fails with ``NotLeader`` on a follower.
+        """
+
+
+class IAppsRepository(Interface):
+    """Apps' desired state.  All calls fail with ``Locked`` while locked."""
+
+    def get(name: str) -> Deferred[AppRecord]:
+        """Fires with the app; fails with ``NotFound``."""
+
+    def list_all() -> Deferred[Sequence[AppRecord]]:
+        """Fires with every app, sorted by name."""
+
+    def put(record: AppRecord) -> Deferred[AppRecord]:
+        """
+        Create or replace an app; fires with the stored record (generation
+        bumped when the spec or ``enabled`` changed).  Fails with
+        ``InvalidCommand`` for a bad name or a spec that is not a JSON
+        object, ``NotLeader`` on a follower.
+        """
+
+    def delete(name: str) -> Deferred[None]:
+        """Remove an app; fails with ``NotFound`` or ``NotLeader``."""
+
+
+class IRemoteRepository(Interface):
+    """The remote-access configuration.  All calls fail with ``Locked`` while locked."""
+
+    def get() -> Deferred[RemoteConfigRecord]:
+        """Fires with the configuration; fails with ``NotFound`` when none is stored."""
+
+    def save(config: Mapping[str, Any]) -> Deferred[RemoteConfigRecord]:
+        """Store the configuration (a JSON object); fails with ``NotLeader``."""
+
+    def clear() -> Deferred[None]:
+        """Remove the configuration; idempotent; fails with ``NotLeader``."""
+
+
+class IAuditRepository(Interface):
+    """The durable audit trail.  All calls fail with ``Locked`` while locked."""
+
+    def append(entry: AuditEntry) -> Deferred[AuditEntry]:
+        """Fires with the entry as stored (``id`` and ``time`` set)."""
+
+    def recent(limit: int = 100) -> Deferred[Sequence[AuditEntry]]:
+        """Fires with at most ``limit`` entries, newest first."""
+
+    def prune(keep: int) -> Deferred[int]:
+        """Keep the newest ``keep`` entries; fires with how many were removed."""
+
+
+class ISettingsRepository(Interface):
+    """Named JSON settings.  All calls fail with ``Locked`` while locked."""
+
+    def get(key: str) -> Deferred[Any]:
+        """Fires with the value; fails with ``NotFound``."""
+
+    def items() -> Deferred[Mapping[str, Any]]:
+        """Fires with every setting."""
+
+    def set(key: str, value: Any) -> Deferred[None]:
+        """Store a JSON value; fails with ``InvalidCommand`` or ``NotLeader``."""
+
+    def delete(key: str) -> Deferred[None]:
+        """Remove a setting; fails with ``NotFound`` or ``NotLeader``."""
+
+
+class IControlTransaction(Interface):
+    """
+    What :meth:`IControlStore.transaction`'s function receives: the
+    synchronous twins of the repositories (same method names, plain return
+    values, typed errors raised), all inside one SQLite transaction.
+    """
+
+    auth: Any = Attribute("Synchronous IAuthRepository methods.")
+    apps: Any = Attribute("Synchronous IAppsRepository methods.")
+    remote: Any = Attribute("Synchronous IRemoteRepository methods.")
+    audit: Any = Attribute("Synchronous IAuditRepository methods.")
+    settings: Any = Attribute("Synchronous ISettingsRepository methods.")
+    now: float = Attribute("The clock's time when the transaction was submitted.")
+
+
+class IControlStore(Interface):
+    """
+    The encrypted control-plane store: SQLite through SQLCipher, keyed by
+    the data key.  Every call runs on the store's own thread, never on the
+    reactor.  Every write transaction that changes something commits one
+    new revision with a sha256 chain checksum and publishes
+    ``ControlStoreCommit``.  While storage is locked every call fails with
+    ``Locked``; while this node is not the ``control-plane`` leader writes
+    fail with ``NotLeader`` (with the leader hint) and reads work.
+    """
+
+    auth: IAuthRepository = Attribute("The admin's credentials.")
+    apps: IAppsRepository = Attribute("Apps' desired state.")
+    remote: IRemoteRepository = Attribute("Remote-access configuration.")
+    audit: IAuditRepository = Attribute("The audit trail.")
+    settings: ISettingsRepository = Attribute("Named JSON settings.")
+
+    def info() -> ControlStoreInfo:
+        """The store's current revision, checksum and mode."""
+
+    def transaction(fn: Callable[[IControlTransaction], Any]) -> Deferred[Any]:
+        """
+        Run ``fn`` on the store's thread inside one write transaction: all
+        its changes commit together as one revision, or none do if it
+        raises.  Fires with ``fn``'s return value.  Fails with ``Locked``,
+        ``NotLeader`` or ``fn``'s error.
+        """
+
+
+class IPersistence(Interface):
+    """
+    The persistence subsystem: the one lock state machine
+    (``uninitialized → locked → preunlock → unlocked``, ``unlocked →
+    locked``; every transition published as a retained ``LockStateChanged``)
+    and the per-volume secrets it hands to the volume manager.
+    """
+
+    state: Any = Attribute("The current ``LockState``.")
+
+    def secret_for(volume_id: str) -> Deferred[bytes]:
+        """
+        Fires with the passphrase of ``volume_id`` (created on first use).
+        Fails with ``Locked`` while locked and ``InvalidCommand`` for a bad id.
+        """
+
+    def when_unlocked() -> Deferred[None]:
+        """Fires once storage is unlocked (at once if it is); cancellable."""
+
+
 __all__ = [
     "Backoff",
     "ChildSpec",

@@ -1,0 +1,1141 @@
+"""
+The persistence subsystem service: the lock state machine and its commands.
+
+One :class:`PersistenceService` owns the keyset, the lock machine, the
+control store and (when configured) the volume manager.  It is the single
+source of truth for the lock state: every transition of the table
+:data:`piccolod.kernel.fsm.LOCK_MACHINE` publishes a retained
+``LockStateChanged``, which the dispatcher's lock gate reads.
+
+=============  =======  ===========  ==========================================
+from           trigger  to           when
+=============  =======  ===========  ==========================================
+uninitialized  setup    locked       ``persistence.setup`` wrote the keyset
+locked         unlock   preunlock    a password or recovery key opened the keyset
+preunlock      opened   unlocked     volumes attached and the store opened
+preunlock      failed   locked       any preunlock step failed (all undone)
+unlocked       lock     locked       ``persistence.lock`` (store closed, volumes
+                                     detached, data key wiped)
+=============  =======  ===========  ==========================================
+
+**Preunlock steps**, each preceded by the ``preunlock_hook`` (a test seam
+that may raise): ``keys`` (volume passphrases loaded, missing ones created),
+``volumes`` (each configured volume ensured and attached; ``control``
+read-only when this node follows ``control-plane``), ``store`` (the control
+store opened, its migrations run), ``ready``.  Any failure, including a
+cancellation, closes the store, detaches every volume, wipes the data key
+and fires ``failed``: nothing is left half-open.
+
+**Wrong secrets** never change the state.  They are rate-limited: after the
+n-th consecutive failure no attempt is even tried for
+``min(max, initial * 2**(n-1))`` seconds; an attempt in that window fails
+with ``RateLimited`` (``retry_after`` set) even when the secret is right.
+The password is checked by AES-GCM's tag, constant-time by construction.
+
+**Threads.**  Argon2 and keyset file I/O run in ``kdf_pool``; the store runs
+in its own single-thread ``store_pool`` (see :mod:`.store`); nothing blocks
+the reactor.  With ``None`` pools everything runs inline (unit tests).
+
+**Operations** (setup, unlock, lock, password change, recovery rotation)
+are serialised by one ``DeferredLock``: they never interleave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from piccolod.commands import (
+    AttachVolume,
+    ChangePassword,
+    Command,
+    CommandContext,
+    DetachVolume,
+    EnsureVolume,
+    GetStorageStatus,
+    LockStorage,
+    RecordLockState,
+    RecoveryKeyRotated,
+    RotateRecoveryKey,
+    SetupResult,
+    SetupStorage,
+    StorageStatus,
+    UnlockStorage,
+    VolumeResult,
+)
+from piccolod.errors import (
+    ConfigError,
+    IllegalTransition,
+    InvalidCommand,
+    Locked,
+    NotReady,
+    PiccolodError,
+    RateLimited,
+)
+from piccolod.events import ControlStoreHealth, HealthLevel, LockState, LockStateChanged, Role
+from piccolod.interfaces import (
+    ControlStoreInfo,
+    ICommandDispatcher,
+    IControlStore,
+    IControlTransaction,
+    IEventBus,
+    IHealth,
+    IJobRunner,
+    ILeadershipRegistry,
+    IPersistence,
+    IVolumeAdapter,
+    MaybeAsync,
+)
+from piccolod.kernel.aio import call
+from piccolod.kernel.fsm import LOCK_MACHINE, Machine, Transition
+from piccolod.persistence import keyset as keysets
+from piccolod.persistence.errors import KeysetCorrupt, WrongPassword, WrongRecoveryKey
+from piccolod.persistence.keyset import DataKey, KdfParams, Keyset, KeysetFile
+from piccolod.persistence.store import CONTROL_PLANE, CheckResult, ControlStore, store_key
+from piccolod.persistence.volume_keys import VolumeKeys, check_volume_id
+
+__all__ = [
+    "PREUNLOCK_STEPS",
+    "AttemptLimiter",
+    "PersistenceConfig",
+    "PersistenceService",
+    "VolumeManagerLike",
+]
+
+T = TypeVar("T")
+
+#: The preunlock steps, in order (each preceded by ``preunlock_hook(step)``).
+PREUNLOCK_STEPS = ("keys", "volumes", "store", "ready")
+MACHINE_NAME = "persistence.lock"
+HEALTH = "persistence"
+STORE_HEALTH = "persistence.store"
+
+
+class VolumeManagerLike(Protocol):
+    """What the service needs of :class:`piccolod.persistence.volumes.VolumeManager`."""
+
+    def ensure(self, volume_id: str) -> Deferred[Any]: ...
+
+    def attach(self, volume_id: str, read_only: bool = False) -> Deferred[str]: ...
+
+    def detach(self, volume_id: str) -> Deferred[Any]: ...
+
+    def detach_all(self, reason: str = "") -> Deferred[list[str]]: ...
+
+    def sweep(self) -> Deferred[Any]: ...
+
+    def status(self, volume_id: str) -> Deferred[Any]: ...
+
+    def close(self) -> None: ...
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, PiccolodError):
+        return f"{error.type}: {error.detail}"
+    if isinstance(error, CancelledError):
+        return "cancelled"
+    return f"{type(error).__name__}: {error}"
+
+
+# --------------------------------------------------------------------------
+# Configuration
+
+
+@attrs.frozen
+class PersistenceConfig:
+    """
+    The ``[subsystems.persistence]`` section, validated.
+
+    @ivar volumes: volumes ensured and attached at every unlock.
+    @ivar store_volume: the volume the control store lives on (when a
+        volume manager is configured).
+    @ivar check_on_unlock: run ``quick_check`` before using an existing store.
+    """
+
+    kdf: KdfParams = attrs.field(factory=KdfParams)
+    unlock_backoff_initial: float = 1.0
+    unlock_backoff_max: float = 60.0
+    check_interval: float = 3600.0
+    checkpoint_interval: float = 60.0
+    volumes: tuple[str, ...] = ("control", "bootstrap")
+    store_volume: str = "control"
+    min_password_length: int = 8
+    check_on_unlock: bool = True
+    revision_retention: int = 10_000
+
+    def problems(self) -> list[str]:
+        found = list(self.kdf.problems())
+        for name in (
+            "unlock_backoff_initial",
+            "unlock_backoff_max",
+            "check_interval",
+            "checkpoint_interval",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                found.append(f"{name} must be a positive number, got {value!r}")
+        if not found and self.unlock_backoff_max < self.unlock_backoff_initial:
+            found.append("unlock_backoff_max must be >= unlock_backoff_initial")
+        for volume_id in self.volumes:
+            try:
+                check_volume_id(volume_id)
+            except InvalidCommand as e:
+                found.append(f"volumes: {e.detail}")
+        if self.volumes and self.store_volume not in self.volumes:
+            found.append(f"store_volume {self.store_volume!r} must be one of volumes")
+        for name, low in (("min_password_length", 1), ("revision_retention", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                found.append(f"{name} must be an int >= {low}, got {value!r}")
+        return found
+
+    @classmethod
+    def from_section(
+        cls, section: Mapping[str, Any], slot: str = "persistence"
+    ) -> PersistenceConfig:
+        """Build from a config section; raises ``ConfigError`` listing every problem."""
+        volumes = section.get("volumes", list(cls().volumes))
+        if not isinstance(volumes, (list, tuple)) or not all(isinstance(v, str) for v in volumes):
+            raise ConfigError([f"[subsystems.{slot}] volumes must be a list of volume ids"])
+        config = cls(
+            kdf=KdfParams(
+                time_cost=section.get("argon2_time_cost", 3),
+                memory_kib=section.get("argon2_memory_kib", 65536),
+                parallelism=section.get("argon2_parallelism", 1),
+            ),
+            unlock_backoff_initial=section.get("unlock_backoff_initial", 1.0),
+            unlock_backoff_max=section.get("unlock_backoff_max", 60.0),
+            check_interval=section.get("check_interval", 3600.0),
+            checkpoint_interval=section.get("checkpoint_interval", 60.0),
+            volumes=tuple(volumes),
+            store_volume=section.get("store_volume", "control"),
+            min_password_length=section.get("min_password_length", 8),
+            check_on_unlock=bool(section.get("check_on_unlock", True)),
+            revision_retention=section.get("revision_retention", 10_000),
+        )
+        problems = config.problems()
+        if problems:
+            raise ConfigError([f"[subsystems.{slot}] {p}" for p in problems])
+        return config
+
+
+# --------------------------------------------------------------------------
+# Rate limiting
+
+
+@attrs.define(eq=False)
+class AttemptLimiter:
+    """
+    Growing delay after wrong secrets: after the n-th consecutive failure
+    nothing is tried for ``min(maximum, initial * 2**(n-1))`` seconds.
+    """
+
+    clock: IReactorTime
+    initial: float = 1.0
+    maximum: float = 60.0
+    failures: int = 0
+    not_before: float = 0.0
+
+    def retry_after(self) -> float:
+        return max(0.0, self.not_before - self.clock.seconds())
+
+    def check(self) -> None:
+        """Raise ``RateLimited`` while the delay runs."""
+        wait = self.retry_after()
+        if wait > 0:
+            raise RateLimited(
+                f"too many wrong attempts; try again in {wait:.1f} s", retry_after=wait
+            )
+
+    def failed(self) -> float:
+        """Count a failure; returns the delay now imposed."""
+        self.failures += 1
+        delay = float(min(self.maximum, self.initial * 2.0 ** min(self.failures - 1, 62)))
+        self.not_before = self.clock.seconds() + delay
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.not_before = 0.0
+
+
+# --------------------------------------------------------------------------
+# The service
+
+
+@implementer(IPersistence, IControlStore)
+@attrs.define(eq=False)
+class PersistenceService(Service):
+    """
+    ``IPersistence`` + ``IControlStore`` + ``IService`` (see the module
+    docstring).
+
+    @ivar reactor: ``IReactorTime`` (+ ``IReactorFromThreads`` with pools).
+    @ivar directory: where the keyset, the volume keys, the store marker and
+        (without a volume manager) the store live: ``<state_dir>/persistence``.
+    @ivar kdf_pool: runs Argon2 and keyset file I/O (``None``: inline).
+    @ivar store_pool: the control store's single thread (``None``: inline).
+    @ivar volume_manager_factory: builds the volume manager from
+        :meth:`secret_for` (``None``: no volumes; the store lives in
+        ``directory/control``).
+    @ivar jobs: runs the periodic checks when given; otherwise they run on
+        ``LoopingCall``s of ``reactor``.
+    @ivar preunlock_hook: called with each step name of
+        :data:`PREUNLOCK_STEPS` before it runs; raising fails the unlock.
+    @ivar owns_pools: start and stop the pools with the service.
+    """
+
+    log = Logger()
+
+    reactor: Any
+    directory: Path = attrs.field(converter=Path)
+    bus: IEventBus
+    config: PersistenceConfig = attrs.field(factory=PersistenceConfig)
+    dispatcher: ICommandDispatcher | None = None
+    registry: ILeadershipRegistry | None = None
+    health: IHealth | None = None
+    kdf_pool: ThreadPool | None = None
+    store_pool: ThreadPool | None = None
+    volume_manager_factory: (
+        Callable[[Callable[[str], Deferred[bytes]]], VolumeManagerLike] | None
+    ) = None
+    jobs: IJobRunner | None = None
+    preunlock_hook: Callable[[str], MaybeAsync] | None = None
+    owns_pools: bool = False
+    name: str = attrs.field(default="persistence", kw_only=True)
+
+    store: ControlStore = attrs.field(init=False)
+    volumes: VolumeManagerLike | None = attrs.field(init=False, default=None)
+    _keyset: Keyset = attrs.field(init=False)
+    _volume_keys: VolumeKeys = attrs.field(init=False)
+    _machine: Machine[LockState] = attrs.field(init=False)
+    _limiter: AttemptLimiter = attrs.field(init=False)
+    _ops: DeferredLock = attrs.field(init=False, factory=DeferredLock)
+    _keys_lock: DeferredLock = attrs.field(init=False, factory=DeferredLock)
+    _data_key: DataKey | None = attrs.field(init=False, default=None)
+    _keyset_id: str = attrs.field(init=False, default="")
+    _secrets: dict[str, bytearray] = attrs.field(init=False, factory=dict)
+    _has_recovery: bool = attrs.field(init=False, default=False)
+    _error: str | None = attrs.field(init=False, default=None)
+    _reason: str = attrs.field(init=False, default="")
+    _correlation: str | None = attrs.field(init=False, default=None)
+    _waiters: list[Deferred[None]] = attrs.field(init=False, factory=list)
+    _maintenance: list[Any] = attrs.field(init=False, factory=list)
+    _registered: list[type[Command]] = attrs.field(init=False, factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        problems = self.config.problems()
+        if problems:
+            raise ConfigError(problems)
+        self._keyset = Keyset(self.directory)
+        self._volume_keys = VolumeKeys(self.directory)
+        self._limiter = AttemptLimiter(
+            self.reactor, self.config.unlock_backoff_initial, self.config.unlock_backoff_max
+        )
+        self.store = ControlStore(
+            self.reactor,
+            self.store_pool,
+            self.bus,
+            self.registry,
+            revision_retention=self.config.revision_retention,
+        )
+        initial = LockState.LOCKED if self._keyset.exists() else LockState.UNINITIALIZED
+        self._machine = Machine(
+            MACHINE_NAME,
+            initial,
+            LOCK_MACHINE,
+            bus=self.bus,
+            clock=self.reactor,
+            on_transition=self._transitioned,
+        )
+        if self.volume_manager_factory is not None:
+            self.volumes = self.volume_manager_factory(self.secret_for)
+
+    # -- construction from the plugin context --------------------------------
+
+    @classmethod
+    def from_context(cls, ctx: Any) -> PersistenceService:
+        """
+        Build from a ``SubsystemContext``: the ``[subsystems.persistence]``
+        section (see ``twisted/plugins/piccolod_persistence.py``), the
+        kernel's bus, dispatcher, registry and health, and
+        ``<state_dir>/persistence``.  The volume adapter is the
+        ``IVolumeAdapter`` dependency when the context resolved one;
+        without it there are no volumes and the store lives in
+        ``<state_dir>/persistence/control``.  Raises ``ConfigError``.
+        """
+        config = PersistenceConfig.from_section(ctx.config, ctx.slot)
+        kernel = ctx.kernel
+        state_dir = Path(kernel.state_dir)
+        reactor = kernel.reactor
+        kdf_pool = ThreadPool(minthreads=0, maxthreads=2, name="piccolod-persistence")
+        store_pool = ThreadPool(minthreads=1, maxthreads=1, name="piccolod-control-store")
+        adapter = ctx.deps.get(IVolumeAdapter)
+        factory = _volume_manager_factory(adapter, reactor, state_dir, kernel.bus)
+        return cls(
+            reactor,
+            state_dir / "persistence",
+            kernel.bus,
+            config,
+            dispatcher=kernel.dispatcher,
+            registry=kernel.registry,
+            health=kernel.health,
+            kdf_pool=kdf_pool,
+            store_pool=store_pool,
+            volume_manager_factory=factory,
+            jobs=getattr(kernel, "jobs", None),
+            owns_pools=True,
+        )
+
+    # -- reading ----------------------------------------------------------------
+
+    @property
+    def state(self) -> LockState:
+        return self._machine.state
+
+    @property
+    def machine(self) -> Machine[LockState]:
+        return self._machine
+
+    @property
+    def limiter(self) -> AttemptLimiter:
+        return self._limiter
+
+    @property
+    def data_key(self) -> DataKey | None:
+        """The data key while unlocked (for tests and the export path)."""
+        return self._data_key
+
+    def status(self) -> StorageStatus:
+        info = self.store.info()
+        return StorageStatus(
+            state=self.state.value,
+            initialized=self.state is not LockState.UNINITIALIZED,
+            retry_after=self._limiter.retry_after(),
+            failed_attempts=self._limiter.failures,
+            recovery_key=self._has_recovery,
+            store=info.to_json() if info.open else None,
+            error=self._error,
+        )
+
+    def when_unlocked(self) -> Deferred[None]:
+        if self.state is LockState.UNLOCKED:
+            return succeed(None)
+
+        def forget(d: Deferred[None]) -> None:
+            if d in self._waiters:
+                self._waiters.remove(d)
+
+        waiter: Deferred[None] = Deferred(forget)
+        self._waiters.append(waiter)
+        return waiter
+
+    # -- IControlStore, delegated ------------------------------------------------
+
+    @property
+    def auth(self) -> Any:
+        return self.store.auth
+
+    @property
+    def apps(self) -> Any:
+        return self.store.apps
+
+    @property
+    def remote(self) -> Any:
+        return self.store.remote
+
+    @property
+    def audit(self) -> Any:
+        return self.store.audit
+
+    @property
+    def settings(self) -> Any:
+        return self.store.settings
+
+    def info(self) -> ControlStoreInfo:
+        return self.store.info()
+
+    def transaction(self, fn: Callable[[IControlTransaction], Any]) -> Deferred[Any]:
+        return self.store.transaction(fn)
+
+    # -- volume secrets ----------------------------------------------------------
+
+    def secret_for(self, volume_id: str) -> Deferred[bytes]:
+        """
+        The passphrase of ``volume_id``: from memory when known, else
+        created (one atomic write of ``volume-keys.json``, in ``kdf_pool``).
+        Fails with ``Locked`` while locked.
+        """
+        try:
+            check_volume_id(volume_id)
+        except InvalidCommand as e:
+            return fail(e)
+        if self._data_key is None:
+            return fail(Locked(f"the passphrase of volume {volume_id!r} needs unlocked storage"))
+        known = self._secrets.get(volume_id)
+        if known is not None:
+            return succeed(bytes(known))
+        return Deferred.fromCoroutine(self._create_secret(volume_id))
+
+    async def _create_secret(self, volume_id: str) -> bytes:
+        await self._keys_lock.acquire()
+        try:
+            known = self._secrets.get(volume_id)
+            if known is not None:
+                return bytes(known)
+            found = await self._load_secrets([volume_id])
+            return bytes(found[volume_id])
+        finally:
+            self._keys_lock.release()
+
+    async def _load_secrets(self, volume_ids: Sequence[str]) -> dict[str, bytearray]:
+        data_key, keyset_id = self._data_key, self._keyset_id
+        if data_key is None:
+            raise Locked("storage was locked meanwhile")
+
+        def ensure() -> dict[str, bytes]:
+            try:
+                return self._volume_keys.ensure(data_key, keyset_id, volume_ids)
+            except ValueError:  # the data key was wiped by a lock meanwhile
+                raise Locked("storage was locked meanwhile") from None
+
+        found = await self._blocking(ensure)
+        if self._data_key is not data_key:
+            raise Locked("storage was locked meanwhile")
+        for vid, passphrase in found.items():
+            if vid not in self._secrets:
+                self._secrets[vid] = bytearray(passphrase)
+        return self._secrets
+
+    # -- IService ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        if self.running:
+            return
+        if self.owns_pools:
+            for pool in (self.kdf_pool, self.store_pool):
+                if pool is not None and not pool.started:
+                    pool.start()
+        self._register()
+        self.running = 1
+        self._reason = "start"
+        self._announce(None)
+        self._report_health()
+        Deferred.fromCoroutine(self._boot()).addErrback(
+            lambda f: self.log.failure("persistence boot checks failed", f)
+        )
+
+    def stopService(self) -> Deferred[None]:
+        if not self.running:
+            return succeed(None)
+        self.running = 0
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _boot(self) -> None:
+        def read() -> KeysetFile | None:
+            if not self._keyset.directory.exists():
+                return None
+            self._keyset.remove_stale_temps()
+            return self._keyset.load() if self._keyset.exists() else None
+
+        try:
+            keyset = await self._blocking(read)
+        except KeysetCorrupt as e:
+            self._keyset_unusable(e)
+        else:
+            if keyset is not None:
+                self._has_recovery = keyset.recovery is not None
+        if self.volumes is not None:
+            try:
+                await self.volumes.sweep()
+            except Exception:
+                self.log.failure("volume sweep at boot failed")
+
+    async def _stop(self) -> None:
+        self._unregister()
+        try:
+            await self._ops.run(self._lock_for_stop)
+        finally:
+            for waiter in list(self._waiters):
+                waiter.cancel()
+            if self.volumes is not None:
+                self.volumes.close()
+            if self.owns_pools:
+                for pool in (self.kdf_pool, self.store_pool):
+                    if pool is not None and pool.started:
+                        pool.stop()
+
+    async def _lock_for_stop(self) -> None:
+        if self.state is LockState.UNLOCKED:
+            await self._teardown("service stopping")
+            self._fire("lock", "lock: service stopping", None)
+
+    # -- commands ------------------------------------------------------------------
+
+    def _register(self) -> None:
+        if self.dispatcher is None:
+            return
+        handlers: list[tuple[type[Command], Callable[..., Any]]] = [
+            (SetupStorage, self._handle_setup),
+            (UnlockStorage, self._handle_unlock),
+            (LockStorage, self._handle_lock),
+            (RecordLockState, self._handle_record_lock_state),
+            (GetStorageStatus, self._handle_status),
+            (ChangePassword, self._handle_change_password),
+            (RotateRecoveryKey, self._handle_rotate_recovery_key),
+            (EnsureVolume, self._handle_ensure_volume),
+            (AttachVolume, self._handle_attach_volume),
+            (DetachVolume, self._handle_detach_volume),
+        ]
+        try:
+            for command_type, handler in handlers:
+                self.dispatcher.register(command_type, handler)
+                self._registered.append(command_type)
+        except Exception:
+            self._unregister()
+            raise
+
+    def _unregister(self) -> None:
+        if self.dispatcher is None:
+            return
+        while self._registered:
+            self.dispatcher.unregister(self._registered.pop())
+
+    def _serial(self, fn: Callable[..., Awaitable[T]], *args: Any) -> Deferred[T]:
+        return self._ops.run(lambda: Deferred.fromCoroutine(_await(fn(*args))))
+
+    def _handle_setup(
+        self, command: SetupStorage, context: CommandContext
+    ) -> Deferred[SetupResult]:
+        return self.setup(command.password, _correlation(context))
+
+    def _handle_unlock(
+        self, command: UnlockStorage, context: CommandContext
+    ) -> Deferred[StorageStatus]:
+        return self.unlock(command.password, command.recovery_key, _correlation(context))
+
+    def _handle_lock(
+        self, command: LockStorage, context: CommandContext
+    ) -> Deferred[StorageStatus]:
+        return self.lock("lock: requested", _correlation(context))
+
+    def _handle_record_lock_state(
+        self, command: RecordLockState, context: CommandContext
+    ) -> Deferred[StorageStatus]:
+        if command.locked:
+            return self.lock("lock: record_lock_state", _correlation(context))
+        if self.state is LockState.UNLOCKED:
+            return succeed(self.status())
+        return fail(
+            Locked("storage is not unlocked; unlocking needs a secret: use persistence.unlock")
+        )
+
+    def _handle_status(self, command: GetStorageStatus, context: CommandContext) -> StorageStatus:
+        return self.status()
+
+    def _handle_change_password(
+        self, command: ChangePassword, context: CommandContext
+    ) -> Deferred[StorageStatus]:
+        return self.change_password(command.old, command.recovery_key, command.new)
+
+    def _handle_rotate_recovery_key(
+        self, command: RotateRecoveryKey, context: CommandContext
+    ) -> Deferred[RecoveryKeyRotated]:
+        return self.rotate_recovery_key()
+
+    def _require_volumes(self) -> VolumeManagerLike:
+        if self.volumes is None:
+            raise NotReady(
+                "no volume adapter is configured ([subsystems.persistence] volume_adapter)"
+            )
+        return self.volumes
+
+    async def _handle_ensure_volume(
+        self, command: EnsureVolume, context: CommandContext
+    ) -> VolumeResult:
+        status = await self._require_volumes().ensure(command.volume_id)
+        return _volume_result(status)
+
+    async def _handle_attach_volume(
+        self, command: AttachVolume, context: CommandContext
+    ) -> VolumeResult:
+        volumes = self._require_volumes()
+        path = await volumes.attach(command.volume_id, command.read_only)
+        status = await volumes.status(command.volume_id)
+        result = _volume_result(status)
+        return attrs.evolve(result, path=path)
+
+    async def _handle_detach_volume(
+        self, command: DetachVolume, context: CommandContext
+    ) -> VolumeResult:
+        status = await self._require_volumes().detach(command.volume_id)
+        return _volume_result(status)
+
+    # -- operations (public: Deferreds, serialised by ``_ops``) ---------------------
+
+    def setup(self, password: str, correlation: str | None = None) -> Deferred[SetupResult]:
+        """
+        Create the keyset (``uninitialized → locked``); fires with the
+        recovery key.  Fails with ``IllegalTransition`` once initialised,
+        ``InvalidCommand`` for a too short password, ``Conflict`` if a
+        keyset file appeared meanwhile.
+        """
+        return self._serial(self._setup, password, correlation)
+
+    def unlock(
+        self,
+        password: str | None = None,
+        recovery_key: str | None = None,
+        correlation: str | None = None,
+    ) -> Deferred[StorageStatus]:
+        """
+        Unlock with exactly one secret (``locked → preunlock → unlocked``).
+        Fails with ``IllegalTransition`` unless locked, ``RateLimited``
+        during the delay after a wrong secret, ``WrongPassword`` /
+        ``WrongRecoveryKey`` (state unchanged), ``InvalidCommand`` for a
+        malformed recovery key, ``KeysetCorrupt``, or the error of the
+        preunlock step that failed (then back to ``locked``).
+        """
+        return self._serial(self._unlock, password, recovery_key, correlation)
+
+    def lock(
+        self, reason: str = "lock: requested", correlation: str | None = None
+    ) -> Deferred[StorageStatus]:
+        """
+        Lock (``unlocked → locked``): stop the periodic checks, close the
+        store, detach the volumes, wipe the data key.  Idempotent when
+        locked; ``IllegalTransition`` when uninitialised.
+        """
+        return self._serial(self._lock, reason, correlation)
+
+    def change_password(
+        self, old: str | None, recovery_key: str | None, new: str
+    ) -> Deferred[StorageStatus]:
+        """
+        Rewrap the data key under ``new`` after proving ``old`` (or the
+        recovery key); atomic on disk; the lock state does not change.
+        Wrong secrets are rate-limited like unlock attempts.
+        """
+        return self._serial(self._change_password, old, recovery_key, new)
+
+    def rotate_recovery_key(self) -> Deferred[RecoveryKeyRotated]:
+        """A fresh recovery key (needs unlocked storage); the old one stops working."""
+        return self._serial(self._rotate_recovery_key)
+
+    # -- operations (bodies, run under ``_ops``) ---------------------------------------
+
+    def _require(self, trigger: str) -> None:
+        if not self._machine.can(trigger):
+            raise IllegalTransition(MACHINE_NAME, self.state.value, trigger)
+
+    def _check_new_password(self, password: str) -> None:
+        if len(password) < self.config.min_password_length:
+            raise InvalidCommand(
+                f"the password must have at least {self.config.min_password_length} characters"
+            )
+
+    async def _setup(self, password: str, correlation: str | None = None) -> SetupResult:
+        """
+        Create the keyset (``uninitialized → locked``).  Fails with
+        ``IllegalTransition`` once initialised, ``InvalidCommand`` for a
+        too short password, ``Conflict`` if a keyset file appeared.
+        """
+        self._require("setup")
+        self._check_new_password(password)
+        params, now = self.config.kdf, self.reactor.seconds()
+
+        def create() -> list[str]:
+            keyset, data_key, words = keysets.create_keyset(password, params, now)
+            data_key.wipe()
+            self._keyset.create(keyset)
+            return words
+
+        words = await self._blocking(create)
+        self._has_recovery = True
+        self._error = None
+        self._fire("setup", "setup", correlation)
+        return SetupResult(state=self.state.value, recovery_key=" ".join(words))
+
+    async def _unlock(
+        self,
+        password: str | None = None,
+        recovery_key: str | None = None,
+        correlation: str | None = None,
+    ) -> StorageStatus:
+        """
+        Unlock with exactly one secret (``locked → preunlock → unlocked``).
+        Fails with ``IllegalTransition`` unless locked, ``RateLimited``
+        during the delay after a wrong secret, ``WrongPassword`` /
+        ``WrongRecoveryKey`` (state unchanged), ``InvalidCommand`` for a
+        malformed recovery key, ``KeysetCorrupt``, or the error of the
+        preunlock step that failed (then back to ``locked``).
+        """
+        if (password is None) == (recovery_key is None):
+            raise InvalidCommand("give exactly one of password or recovery_key")
+        self._require("unlock")
+        self._limiter.check()
+        keyset = await self._load_keyset()
+        data_key = await self._open_keyset(keyset, password, recovery_key)
+        how = "password" if password is not None else "recovery key"
+        await self._preunlock(data_key, keyset, f"unlock: {how}", correlation)
+        return self.status()
+
+    async def _lock(
+        self, reason: str = "lock: requested", correlation: str | None = None
+    ) -> StorageStatus:
+        """
+        Lock (``unlocked → locked``): stop the periodic checks, close the
+        store, detach the volumes, wipe the data key.  Idempotent when
+        locked; ``IllegalTransition`` when uninitialised.
+        """
+        if self.state is LockState.LOCKED:
+            return self.status()
+        self._require("lock")
+        await self._teardown(reason)
+        self._fire("lock", reason, correlation)
+        return self.status()
+
+    async def _change_password(
+        self, old: str | None, recovery_key: str | None, new: str
+    ) -> StorageStatus:
+        """
+        Rewrap the data key under ``new`` after proving ``old`` (or the
+        recovery key); atomic on disk; the lock state does not change.
+        Wrong secrets are rate-limited like unlock attempts.
+        """
+        if (old is None) == (recovery_key is None):
+            raise InvalidCommand("give exactly one of old or recovery_key")
+        if self.state is LockState.UNINITIALIZED:
+            raise IllegalTransition(MACHINE_NAME, self.state.value, "change_password")
+        self._check_new_password(new)
+        self._limiter.check()
+        keyset = await self._load_keyset()
+        data_key = await self._open_keyset(keyset, old, recovery_key)
+        params, now = self.config.kdf, self.reactor.seconds()
+
+        def rewrap() -> None:
+            try:
+                self._keyset.replace(
+                    keyset, keysets.rewrap_password(keyset, data_key, new, params, now)
+                )
+            finally:
+                data_key.wipe()
+
+        await self._blocking(rewrap)
+        self.log.info("persistence: the password was changed")
+        return self.status()
+
+    async def _rotate_recovery_key(self) -> RecoveryKeyRotated:
+        """A fresh recovery key (needs unlocked storage); the old one stops working."""
+        data_key = self._data_key
+        if self.state is not LockState.UNLOCKED or data_key is None:
+            raise Locked("rotating the recovery key needs unlocked storage")
+        keyset = await self._load_keyset()
+        now = self.reactor.seconds()
+
+        def rotate() -> list[str]:
+            updated, words = keysets.rotate_recovery_key(keyset, data_key, now)
+            self._keyset.replace(keyset, updated)
+            return words
+
+        words = await self._blocking(rotate)
+        self._has_recovery = True
+        self.log.info("persistence: the recovery key was rotated")
+        return RecoveryKeyRotated(recovery_key=" ".join(words))
+
+    # -- unlock internals ------------------------------------------------------------
+
+    async def _load_keyset(self) -> KeysetFile:
+        def load() -> KeysetFile:
+            try:
+                return self._keyset.load()
+            except FileNotFoundError:
+                raise KeysetCorrupt(
+                    f"the keyset file {self._keyset.path} has disappeared"
+                ) from None
+
+        try:
+            keyset = await self._blocking(load)
+        except KeysetCorrupt as e:
+            self._keyset_unusable(e)
+            raise
+        self._has_recovery = keyset.recovery is not None
+        return keyset
+
+    async def _open_keyset(
+        self, keyset: KeysetFile, password: str | None, recovery_key: str | None
+    ) -> DataKey:
+        if recovery_key is not None:
+            # A malformed phrase fails here (InvalidCommand), without counting
+            # as an attempt: its checksum is public, checking it reveals nothing.
+            keysets.decode_recovery_key(recovery_key)
+
+            def open_key() -> DataKey:
+                return keysets.open_with_recovery_key(keyset, recovery_key)
+        else:
+            assert password is not None
+
+            def open_key() -> DataKey:
+                return keysets.open_with_password(keyset, password)
+
+        try:
+            data_key = await self._blocking(open_key)
+        except (WrongPassword, WrongRecoveryKey):
+            delay = self._limiter.failed()
+            self.log.warn(
+                "persistence: wrong secret (failure {failures}); next attempt in {delay} s",
+                failures=self._limiter.failures,
+                delay=delay,
+            )
+            raise
+        self._limiter.succeeded()
+        return data_key
+
+    async def _step(self, step: str) -> None:
+        if self.preunlock_hook is not None:
+            await call(self.preunlock_hook, step)
+
+    def _follower(self) -> bool:
+        return self.registry is not None and self.registry.role(CONTROL_PLANE) is Role.FOLLOWER
+
+    async def _preunlock(
+        self, data_key: DataKey, keyset: KeysetFile, reason: str, correlation: str | None
+    ) -> None:
+        self._data_key = data_key
+        self._keyset_id = keyset.keyset_id
+        self._fire("unlock", reason, correlation)
+        try:
+            await self._step("keys")
+            await self._load_secrets(self.config.volumes)
+            await self._step("volumes")
+            store_dir = self.directory / "control"
+            read_only = False
+            if self.volumes is not None:
+                follower = self._follower()
+                for volume_id in self.config.volumes:
+                    await self.volumes.ensure(volume_id)
+                    ro = follower and volume_id == self.config.store_volume
+                    path = await self.volumes.attach(volume_id, ro)
+                    if volume_id == self.config.store_volume:
+                        store_dir, read_only = Path(path), ro
+            await self._step("store")
+            await self.store.open(
+                store_dir / "control.db",
+                store_key(data_key),
+                read_only=read_only,
+                marker=self.directory / "control-store.json",
+                check=self.config.check_on_unlock,
+            )
+            await self._step("ready")
+        except BaseException as e:
+            self.log.warn(
+                "persistence: preunlock failed, locking again: {error}", error=_describe(e)
+            )
+            await self._teardown(f"preunlock failed: {_describe(e)}")
+            self._fire("failed", f"preunlock failed: {_describe(e)}", correlation)
+            raise
+        self._fire("opened", "opened", correlation)
+        self._start_maintenance()
+        for waiter in list(self._waiters):
+            self._waiters.remove(waiter)
+            waiter.callback(None)
+
+    async def _teardown(self, reason: str) -> None:
+        """Undo everything unlock opened; never raises (errors are logged)."""
+        self._stop_maintenance()
+        await self.store.close()
+        if self.volumes is not None:
+            try:
+                await self.volumes.detach_all(reason)
+            except Exception as e:
+                self.log.failure("persistence: detaching volumes while locking")
+                if self.health is not None:
+                    self.health.report(HEALTH, HealthLevel.ERROR, f"volumes left attached: {e}")
+        self._wipe()
+
+    def _wipe(self) -> None:
+        key, self._data_key = self._data_key, None
+        if key is not None:
+            key.wipe()
+        for passphrase in self._secrets.values():
+            passphrase[:] = bytes(len(passphrase))
+        self._secrets.clear()
+
+    # -- the machine -----------------------------------------------------------------
+
+    def _fire(self, trigger: str, reason: str, correlation: str | None) -> None:
+        self._reason, self._correlation = reason, correlation
+        self._machine.fire(trigger)
+
+    def _transitioned(self, transition: Transition[LockState]) -> None:
+        self._announce(transition.previous)
+        self._report_health()
+
+    def _announce(self, previous: LockState | None) -> None:
+        self.log.info(
+            "persistence: {state} ({reason})", state=self.state.value, reason=self._reason
+        )
+        self.bus.publish(
+            LockStateChanged(state=self.state, previous=previous, reason=self._reason),
+            source="persistence",
+            correlation_id=self._correlation,
+        )
+
+    def _report_health(self) -> None:
+        if self.health is None or self._error is not None:
+            return
+        self.health.report(HEALTH, HealthLevel.OK, self.state.value)
+
+    def _keyset_unusable(self, error: KeysetCorrupt) -> None:
+        self._error = error.detail
+        self.log.error("persistence: the keyset is unusable: {error}", error=error.detail)
+        if self.health is not None:
+            self.health.report(HEALTH, HealthLevel.ERROR, error.detail)
+
+    # -- periodic maintenance -------------------------------------------------------
+
+    def _start_maintenance(self) -> None:
+        self._stop_maintenance()
+        schedule = (
+            (self.config.checkpoint_interval, self.run_checkpoint, "checkpoint"),
+            (self.config.check_interval, self.run_quick_check, "quick-check"),
+        )
+        for interval, fn, label in schedule:
+            if self.jobs is not None:
+                from piccolod.kernel.jobs import JobSpec
+
+                def spec(
+                    fn: Callable[[], Deferred[Any]] = fn,
+                    label: str = label,
+                    interval: float = interval,
+                ) -> JobSpec:
+                    return JobSpec(
+                        job_class="persistence",
+                        fn=lambda _control: fn(),
+                        name=f"control store {label}",
+                        timeout=max(60.0, interval),
+                    )
+
+                self._maintenance.append(self.jobs.every(interval, spec))
+            else:
+                loop = LoopingCall(fn)
+                loop.clock = self.reactor
+                loop.start(interval, now=False)
+                self._maintenance.append(loop)
+
+    def _stop_maintenance(self) -> None:
+        while self._maintenance:
+            task = self._maintenance.pop()
+            if isinstance(task, LoopingCall):
+                if task.running:
+                    task.stop()
+            else:
+                task.stopService()
+
+    def run_quick_check(self) -> Deferred[CheckResult | None]:
+        """
+        ``quick_check`` then the checksum chain; publishes
+        ``ControlStoreHealth`` and reports health.  Never fails; fires with
+        ``None`` while the store is closed.
+        """
+        return Deferred.fromCoroutine(self._quick_check())
+
+    async def _quick_check(self) -> CheckResult | None:
+        if not self.store.is_open:
+            return None
+        revision = self.store.info().revision
+        try:
+            result = await self.store.quick_check()
+            if result.ok:
+                chain = await self.store.verify_chain()
+                result = CheckResult(chain.ok, f"{result.detail}; {chain.detail}", result.revision)
+        except Locked:
+            return None
+        except Exception as e:
+            result = CheckResult(False, _describe(e), revision)
+        self._store_health(result.ok, result.detail, result.revision)
+        return result
+
+    def run_checkpoint(self) -> Deferred[bool | None]:
+        """A passive WAL checkpoint; publishes ``ControlStoreHealth``; never fails."""
+        return Deferred.fromCoroutine(self._checkpoint())
+
+    async def _checkpoint(self) -> bool | None:
+        if not self.store.is_open or self.store.info().read_only:
+            return None
+        revision = self.store.info().revision
+        try:
+            result = await self.store.checkpoint("PASSIVE")
+        except Locked:
+            return None
+        except Exception as e:
+            self._store_health(False, f"checkpoint: {_describe(e)}", revision)
+            return False
+        detail = f"checkpoint: {result.checkpointed}/{result.log_frames} WAL frames" + (
+            " (busy)" if result.busy else ""
+        )
+        self._store_health(True, detail, revision)
+        return True
+
+    def _store_health(self, ok: bool, detail: str, revision: int) -> None:
+        if not ok:
+            self.log.error("persistence: control store check failed: {detail}", detail=detail)
+        self.bus.publish(
+            ControlStoreHealth(ok=ok, detail=detail, revision=revision), source="persistence"
+        )
+        if self.health is not None:
+            level = HealthLevel.OK if ok else HealthLevel.ERROR
+            self.health.report(STORE_HEALTH, level, detail, {"revision": float(revision)})
+
+    # -- threads ------------------------------------------------------------------------
+
+    def _blocking(self, fn: Callable[[], T]) -> Deferred[T]:
+        if self.kdf_pool is None:
+            try:
+                return succeed(fn())
+            except BaseException as e:
+                return fail(e)
+        return deferToThreadPool(self.reactor, self.kdf_pool, fn)
+
+
+async def _await(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _correlation(context: CommandContext) -> str | None:
+    return context.correlation_id or context.command_id
+
+
+def _volume_result(status: Any) -> VolumeResult:
+    detail = status.to_json() if hasattr(status, "to_json") else {}
+    return VolumeResult(
+        volume_id=str(status.volume_id),
+        state=str(status.state),
+        path=getattr(status, "path", None),
+        detail=dict(detail),
+    )
+
+
+def _volume_manager_factory(
+    adapter: Any, reactor: Any, state_dir: Path, bus: IEventBus
+) -> Callable[[Callable[[str], Deferred[bytes]]], VolumeManagerLike] | None:
+    """Build the volume manager over ``adapter`` (``None``: no volumes)."""
+    if adapter is None:
+        return None
+    from piccolod.persistence.volumes import VolumeManager
+
+    def build(secret_for: Callable[[str], Deferred[bytes]]) -> VolumeManagerLike:
+        return VolumeManager(reactor, state_dir, adapter, bus, secret_for)
+
+    return build
