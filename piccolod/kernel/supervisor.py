@@ -63,6 +63,7 @@ optional subsystem in a crash loop cannot make systemd kill the daemon.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -139,17 +140,25 @@ def topological_order(specs: Sequence[ChildSpec]) -> list[ChildSpec]:
     ]
     if errors:
         raise ConfigError(errors)
-    waiting = {spec.name: set(spec.requires) for spec in specs}
+    # Kahn's algorithm, taking the earliest-inserted ready child each time.
+    missing = {spec.name: len(set(spec.requires)) for spec in specs}
+    dependents: dict[str, list[str]] = {spec.name: [] for spec in specs}
+    for spec in specs:
+        for req in set(spec.requires):
+            dependents[req].append(spec.name)
+    ready = [index[name] for name, count in missing.items() if count == 0]
+    heapq.heapify(ready)
     order: list[ChildSpec] = []
-    done: set[str] = set()
-    while len(order) < len(specs):
-        ready = [s for s in specs if s.name not in done and waiting[s.name] <= done]
-        if not ready:
-            stuck = sorted(name for name in waiting if name not in done)
-            raise ConfigError([f"dependency cycle among children: {', '.join(stuck)}"])
-        first = min(ready, key=lambda s: index[s.name])
-        order.append(first)
-        done.add(first.name)
+    while ready:
+        spec = specs[heapq.heappop(ready)]
+        order.append(spec)
+        for name in dependents[spec.name]:
+            missing[name] -= 1
+            if missing[name] == 0:
+                heapq.heappush(ready, index[name])
+    if len(order) < len(specs):
+        stuck = sorted(name for name, count in missing.items() if count > 0)
+        raise ConfigError([f"dependency cycle among children: {', '.join(stuck)}"])
     return order
 
 
@@ -229,6 +238,8 @@ class _Child:
     fail_reason: str | None = None
     backoff_delay: float | None = None
     misses: int = 0
+    #: instances built (every start attempt that got past the factory)
+    starts: int = 0
     last_miss: str = ""
     abandoned: int = 0
     start_call: IDelayedCall | None = None
@@ -293,6 +304,7 @@ class Supervisor(Service):
     _ready_notified: bool = attrs.field(init=False, default=False)
     _ready_waiters: list[Deferred[None]] = attrs.field(init=False, factory=list)
     _pumping: bool = attrs.field(init=False, default=False)
+    _dependents_cache: dict[str, list[_Child]] = attrs.field(init=False, factory=dict)
     _pump_again: bool = attrs.field(init=False, default=False)
 
     # -- ISupervisor: configuration and queries ---------------------------------
@@ -310,11 +322,17 @@ class Supervisor(Service):
         errors = _validate(spec)
         if errors:
             raise ConfigError(errors)
-        specs = [child.spec for child in self._children.values()]
-        ordered = topological_order([*specs, spec])
+        unknown = [req for req in spec.requires if req not in self._children]
+        if unknown:
+            raise ConfigError(
+                [f"child {spec.name!r} requires unknown child {req!r}" for req in unknown]
+            )
+        # Requirements must exist already, so no cycle can form and the new
+        # child comes last in the topological order (ties by insertion).
         child = _Child(spec=spec, state=ChildState.STOPPED, since=self.clock.seconds())
         self._children[spec.name] = child
-        self._order = [self._children[s.name] for s in ordered]
+        self._order.append(child)
+        self._dependents_cache.clear()
         if self.health is not None:
             self.health.require(self._component(child), spec.required)
         self._report(child)
@@ -339,6 +357,29 @@ class Supervisor(Service):
         """The running instance of ``name``, else ``None``; raises ``NotFound``."""
         child = self._get(name)
         return child.instance if child.state is ChildState.RUNNING else None
+
+    def stats(self) -> dict[str, Any]:
+        """
+        Counters for ``/metrics``: whether the supervisor runs and is ready,
+        and per child its state, restarts, starts, abandoned stops and
+        current consecutive health-check misses.
+        """
+        return {
+            "running": bool(self.running),
+            "ready": self._is_ready(),
+            "children": [
+                {
+                    "name": c.name,
+                    "state": c.state.value,
+                    "restarts": c.restarts,
+                    "starts": c.starts,
+                    "abandoned": c.abandoned,
+                    "health_misses": c.misses,
+                    "required": c.spec.required,
+                }
+                for c in self._order
+            ],
+        }
 
     def when_ready(self) -> Deferred[None]:
         """
@@ -624,6 +665,7 @@ class Supervisor(Service):
             self._on_exit(child, gen, f"cannot build: {describe(e)}")
             return
         child.instance = instance
+        child.starts += 1
         waits: list[Deferred[Any]] = [call(instance.startService)]
         exited: Deferred[Any] | None = None
         if ISupervisedService.providedBy(instance):
@@ -723,6 +765,7 @@ class Supervisor(Service):
                 )
             else:
                 recent.append(now)
+                recent = recent[-spec.intensity :]
                 child.restarts += 1
                 attempt = min(child.attempt, _attempt_cap(spec.backoff))
                 child.backoff_delay = spec.backoff.delay(attempt, self.rand)
@@ -897,12 +940,16 @@ class Supervisor(Service):
 
     def _dependents(self, required: _Child) -> list[_Child]:
         """The children that (transitively) require ``required``, in start order."""
+        cached = self._dependents_cache.get(required.name)
+        if cached is not None:
+            return cached
         names = {required.name}
         out: list[_Child] = []
         for child in self._order:
             if names.intersection(child.spec.requires):
                 names.add(child.name)
                 out.append(child)
+        self._dependents_cache[required.name] = out
         return out
 
     def _failed_requirement(self, child: _Child) -> str | None:

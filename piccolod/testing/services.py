@@ -81,7 +81,7 @@ class FakeService(Service):
         self.started = True
         self.running = 1
         self.factory.note("start")
-        self.factory._count()
+        self.factory._count(+1)
         mode = self.start_mode
         if mode == "fail":
             raise FakeServiceError(f"{self!r} cannot start")
@@ -110,7 +110,7 @@ class FakeService(Service):
             self._stop_d = Deferred()
             return self._stop_d
         self.stopped = True
-        self.factory._count()
+        self.factory._count(-1)
         if mode == "fail":
             return fail(FakeServiceError(f"{self!r} failed to stop"))
         return None
@@ -182,7 +182,7 @@ class FakeService(Service):
         if self.stopped:
             return
         self.stopped = True
-        self.factory._count()
+        self.factory._count(-1)
         d, self._stop_d = self._stop_d, None
         if d is not None:
             d.callback(None)
@@ -213,7 +213,8 @@ class FakeServiceFactory:
     healthy: bool | Literal["raise", "hang"] = True
     instances: list[FakeService] = attrs.field(factory=list)
     violations: list[str] = attrs.field(factory=list)
-    #: the most instances ever live at once
+    #: how many instances are live now, and the most ever live at once
+    live_count: int = 0
     max_live: int = 0
     checks: int = 0
     journal: list[str] | None = None
@@ -257,5 +258,6 @@ class FakeServiceFactory:
     def now(self) -> float | None:
         return None if self.clock is None else self.clock.seconds()
 
-    def _count(self) -> None:
-        self.max_live = max(self.max_live, len(self.live))
+    def _count(self, delta: int) -> None:
+        self.live_count += delta
+        self.max_live = max(self.max_live, self.live_count)

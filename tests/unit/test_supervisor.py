@@ -1016,6 +1016,30 @@ class EventsAndHealthTests(SupervisorTestCase):
         ]
         self.assertEqual(moves, [("a", "starting", 0), ("a", "running", 0)])
 
+    def test_stats(self) -> None:
+        """stats() counts starts, restarts and abandoned stops per child."""
+        a = self.add("a", stop="hang", stop_timeout=2)
+        self.add("b", required=False)
+        self.sup.startService()
+        a.latest.crash()
+        self.clock.advance(2)
+        self.clock.advance(1)
+        stats = self.sup.stats()
+        self.assertEqual((stats["running"], stats["ready"]), (True, True))
+        self.assertEqual(
+            stats["children"][0],
+            {
+                "name": "a",
+                "state": "running",
+                "restarts": 1,
+                "starts": 2,
+                "abandoned": 1,
+                "health_misses": 0,
+                "required": True,
+            },
+        )
+        a.latest.finish_stop()
+
     def test_works_without_bus_and_health(self) -> None:
         """A bare supervisor (no bus, no health) runs and restarts children."""
         sup = Supervisor(self.clock, rand=lambda: 0.5)
