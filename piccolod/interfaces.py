@@ -12,6 +12,7 @@ and compares parameter names.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
@@ -348,7 +349,11 @@ class Backoff:
 
     def delay(self, attempt: int, rand: Callable[[], float]) -> float:
         """The delay before retry number ``attempt`` (0-based)."""
-        base = min(self.maximum, self.initial * (self.factor**attempt))
+        try:
+            grown = self.initial * (self.factor**attempt)
+        except OverflowError:  # a child crashing for days reaches 2.0**1024
+            grown = math.inf
+        base = min(self.maximum, grown)
         spread = base * self.jitter
         return max(0.0, base - spread + 2 * spread * rand())
 
@@ -463,7 +468,10 @@ class ISupervisor(Interface):
         """Report that a running child has failed; the policy applies."""
 
     def when_ready() -> Deferred[None]:
-        """Fires once every child has started (is running)."""
+        """
+        Fires once every *required* child is running (or finished normally);
+        fails with ``NotReady`` if the supervisor stops first.
+        """
 
 
 @attrs.frozen
@@ -691,6 +699,79 @@ class IJobRunner(Interface):
 
     def stats() -> Mapping[str, Any]:
         """Queue depths, and per class: counts by final state and durations."""
+
+
+# ==========================================================================
+# Volumes and devices
+
+
+class IVolumeAdapter(Interface):
+    """
+    One kind of volume storage (``directory`` for development,
+    ``gocryptfs`` for real), laid out under the daemon's state dir:
+    ``volumes/ciphertext/<id>`` rests on disk, ``volumes/mounts/<id>`` is
+    the plaintext view while mounted.  Volume ids match
+    ``^[a-z0-9][a-z0-9-]{0,62}$``; any other fails with ``InvalidCommand``
+    (``InvalidVolumeId``).  Passphrases are 1 to 1024 bytes without
+    newline, CR or NUL (``InvalidCommand`` otherwise); they are never
+    logged, written to a file or put on a command line.  Typed errors are
+    those of ``piccolod.persistence.volumes``.  Implementations are
+    ``IService``s: stopping one unmounts what it mounted.
+    """
+
+    kind: str = Attribute("The adapter's name (``directory``, ``gocryptfs``).")
+    encrypted: bool = Attribute("Whether what rests on disk is encrypted.")
+
+    def create(volume_id: str, passphrase: bytes) -> Deferred[None]:
+        """
+        Initialise the volume's ciphertext directory.  Idempotent: a volume
+        that exists is left as is once ``passphrase`` is checked against it.
+        Fails with ``WrongPassphrase`` when it does not open the existing
+        volume, ``VolumeCorrupt`` when the directory holds something else.
+        """
+
+    def mount(volume_id: str, passphrase: bytes, read_only: bool) -> Deferred[str]:
+        """
+        Mount the volume (read-only if asked) and fire with its mount path.
+        Idempotent in the same mode; a volume mounted in the other mode is
+        remounted.  Fails with ``VolumeNotFound`` (never created),
+        ``WrongPassphrase``, ``MountTimeout`` or ``VolumeError``.
+        """
+
+    def unmount(volume_id: str) -> Deferred[None]:
+        """
+        Unmount the volume; idempotent (a volume not mounted is fine).
+        Fails with ``VolumeBusy`` when it is in use (it stays mounted).
+        """
+
+    def is_mounted(volume_id: str) -> bool:
+        """Whether this adapter has the volume mounted and healthy now."""
+
+    def mounted() -> Sequence[str]:
+        """The ids of the volumes this adapter has mounted, sorted."""
+
+    def watch_lost(observer: Callable[[str, str], None]) -> Callable[[], None]:
+        """
+        Call ``observer(volume_id, reason)`` whenever a mount is lost
+        without ``unmount()`` (the mount process died).  Returns a function
+        that stops the watching (idempotent).
+        """
+
+
+class IDeviceManager(Interface):
+    """
+    The block devices of this machine, rescanned periodically; appearing,
+    disappearing and changing disks are published as ``device`` events.
+    """
+
+    def disks() -> Sequence[Mapping[str, Any]]:
+        """The disks of the last scan (JSON-ready dicts), sorted by name."""
+
+    def scan() -> Deferred[Sequence[Mapping[str, Any]]]:
+        """
+        Rescan now, publish what changed and fire with :meth:`disks`.
+        Fails with ``Unavailable`` when the device list cannot be read.
+        """
 
 
 # ==========================================================================
@@ -948,6 +1029,7 @@ __all__ = [
     "ICommandHandler",
     "IConsensus",
     "IController",
+    "IDeviceManager",
     "IEventBus",
     "IHealth",
     "IJobHandle",
@@ -958,6 +1040,7 @@ __all__ = [
     "ISubsystemPlugin",
     "ISupervisedService",
     "ISupervisor",
+    "IVolumeAdapter",
     "IllegalTransition",
     "InvalidCommand",
     "JobState",

@@ -229,7 +229,7 @@ def build(reactor: Any, settings: Settings, log_observer: Any = None) -> IServic
     registry = LeadershipRegistry(bus, node_id)
     dispatcher = CommandDispatcher(reactor, bus, registry=registry)
     supervisor = Supervisor(
-        reactor, bus, health, notifier=SystemdNotifier.from_environ(reactor, os.environ)
+        reactor, bus, health, notifier=SystemdNotifier.from_environ(reactor, os.environ, unset_environment=True)
     )
     jobs = JobRunner(
         reactor,

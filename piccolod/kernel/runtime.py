@@ -103,8 +103,16 @@ class KernelService(Service):
         ready = self.kernel.supervisor.when_ready()
         ready.addCallbacks(
             lambda _: self.log.info("piccolod {node_id} ready", node_id=self.kernel.node_id),
-            lambda f: self.log.failure("piccolod did not become ready", f),
+            self._not_ready,
         )
+
+    def _not_ready(self, failure: Any) -> None:
+        from piccolod.errors import NotReady
+
+        if failure.check(NotReady):  # stopped before it was ready
+            self.log.info("piccolod stopped before it was ready")
+        else:
+            self.log.failure("piccolod did not become ready", failure)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
