@@ -110,6 +110,8 @@ LEGACY_TTL = 10
 #: How long a packet we multicast is recognised when it comes back to us.
 OWN_PACKET_MEMORY = 5.0
 OWN_PACKET_LIMIT = 512
+#: Prune the per-interface "last multicast" table of departed records past this size.
+LAST_MULTICAST_LIMIT = 256
 #: A send error within this many seconds makes the interface's health WARN.
 SEND_ERROR_WINDOW = 60.0
 
@@ -865,6 +867,11 @@ class MdnsProtocol(DatagramProtocol):
         for record in (*records, *extra):
             self._last_multicast[record.ident] = now
             self._pending.pop(record.ident, None)
+        if len(self._last_multicast) > LAST_MULTICAST_LIMIT:
+            # Records of names since renamed or withdrawn: keep the table bounded.
+            current = self.responder.zone(self).idents
+            for ident in [i for i in self._last_multicast if i not in current]:
+                del self._last_multicast[ident]
 
     def last_multicast(self, ident: Ident) -> float | None:
         return self._last_multicast.get(ident)

@@ -1,7 +1,8 @@
 """
-The responder seen from another network namespace: Avahi (avahi-daemon and
+The responder seen from other network namespaces: Avahi (avahi-daemon and
 avahi-browse, with a private dbus-daemon the test starts) finds the portal
-and an app over a veth pair, resolves the host name, and sees the goodbyes.
+and an app over a veth pair, resolves the host name, and sees the goodbyes;
+and a query arriving on an interface that is not configured is not answered.
 
 Layout (everything is created by the test and deleted afterwards; the
 addresses exist only inside these namespaces, so no packet can leave them):
@@ -23,7 +24,9 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,24 +84,37 @@ def in_netns(name: str) -> Iterator[None]:
         os.close(original)
 
 
-@pytest.fixture
-def namespaces() -> Iterator[None]:
+@contextlib.contextmanager
+def topology(links: list[tuple[str, str, str, str, str, str]]) -> Iterator[None]:
+    """
+    Namespaces joined by veth pairs: each link is ``(ns1, dev1, addr1, ns2,
+    dev2, addr2)`` on a /24.  Everything is deleted afterwards.
+    """
     require_root()
     require_tool("ip")
-    ip("netns", "add", NS_A)
+    made: list[str] = []
     try:
-        ip("netns", "add", NS_B)
-        ip("link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B)
-        ip("link", "set", VETH_A, "netns", NS_A)
-        ip("link", "set", VETH_B, "netns", NS_B)
-        for ns, dev, addr in ((NS_A, VETH_A, ADDR_A), (NS_B, VETH_B, ADDR_B)):
-            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            ip("-n", ns, "link", "set", dev, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
+        for ns1, dev1, addr1, ns2, dev2, addr2 in links:
+            for ns in (ns1, ns2):
+                if ns not in made:
+                    ip("netns", "add", ns)
+                    made.append(ns)
+                    ip("-n", ns, "link", "set", "lo", "up")
+            ip("link", "add", dev1, "type", "veth", "peer", "name", dev2)
+            for ns, dev, addr in ((ns1, dev1, addr1), (ns2, dev2, addr2)):
+                ip("link", "set", dev, "netns", ns)
+                ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+                ip("-n", ns, "link", "set", dev, "up")
         yield
     finally:
-        for ns in (NS_A, NS_B):
+        for ns in made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def namespaces() -> Iterator[None]:
+    with topology([(NS_A, VETH_A, ADDR_A, NS_B, VETH_B, ADDR_B)]):
+        yield
 
 
 class Daemons:
@@ -269,3 +285,84 @@ async def poll_async(check: Any, timeout: float, what: str) -> None:
     while not await check():
         if reactor.seconds() > deadline:  # type: ignore[attr-defined]
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+NS_C = f"pcl-mdns-c-{PID}"
+VETH_A2 = f"pmx{PID % 100000}"
+VETH_C = f"pmc{PID % 100000}"
+SUBNET2 = f"10.201.{PID % 250 + 1}"
+ADDR_A2 = f"{SUBNET2}.1"
+ADDR_C = f"{SUBNET2}.2"
+
+#: A legacy-unicast querier: multicasts "piccolo.local A?" from ``argv[1]``
+#: until an answer comes (prints the answering address, exit 0) or
+#: ``argv[2]`` seconds pass (exit 1).
+QUERIER = r"""
+import socket, struct, sys, time
+source, timeout = sys.argv[1], float(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(source))
+s.bind((source, 0))
+s.settimeout(0.25)
+header = struct.pack("!6H", 0x4242, 0, 1, 0, 0, 0)
+q = header + b"\x07piccolo\x05local\x00" + struct.pack("!HH", 1, 1)
+deadline = time.monotonic() + timeout
+while time.monotonic() < deadline:
+    s.sendto(q, ("224.0.0.251", 5353))
+    try:
+        data, addr = s.recvfrom(9000)
+    except socket.timeout:
+        continue
+    if data[:2] == b"\x42\x42":
+        print(addr[0])
+        sys.exit(0)
+sys.exit(1)
+"""
+
+
+async def run_in(ns: str, *args: str) -> tuple[int, str]:
+    out, _err, code = await getProcessOutputAndValue(
+        shutil.which("ip") or "ip", ["netns", "exec", ns, *args], env=dict(os.environ)
+    )
+    return code, out.decode(errors="replace")
+
+
+@pytest.fixture
+def two_links() -> Iterator[None]:
+    with topology(
+        [
+            (NS_A, VETH_A, ADDR_A, NS_B, VETH_B, ADDR_B),
+            (NS_A, VETH_A2, ADDR_A2, NS_C, VETH_C, ADDR_C),
+        ]
+    ):
+        yield
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_only_on_configured_interfaces(two_links: None) -> None:
+    """A query on an unconfigured interface is not answered, even where the group is joined."""
+    # No /prefix: the on-link source check would drop C's packets on its own;
+    # this test is about the socket receiving only its own interface's traffic.
+    responder = Responder(interfaces=[ADDR_A])
+    with in_netns(NS_A):
+        responder.start()
+        # Someone else joins the group on the other interface, so the kernel
+        # accepts the group there: only IP_MULTICAST_ALL=0 keeps it from us.
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        other.bind(("0.0.0.0", 0))
+        other.setsockopt(
+            socket.IPPROTO_IP,
+            socket.IP_ADD_MEMBERSHIP,
+            socket.inet_aton("224.0.0.251") + socket.inet_aton(ADDR_A2),
+        )
+    try:
+        await wait_for(responder.service.host_name, what="the host name to be claimed")
+        code, out = await run_in(NS_B, sys.executable, "-c", QUERIER, ADDR_B, "10")
+        assert (code, out.split()) == (0, [ADDR_A]), out
+        before = responder.service.stats()[ADDR_A]["queries_received"]
+        code, out = await run_in(NS_C, sys.executable, "-c", QUERIER, ADDR_C, "3")
+        assert code == 1, f"answered on an unconfigured interface: {out}"
+        assert responder.service.stats()[ADDR_A]["queries_received"] == before
+    finally:
+        other.close()
+        await responder.stop()

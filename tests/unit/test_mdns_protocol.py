@@ -19,8 +19,8 @@ from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase
 
 from piccolod.events import HealthLevel
-from piccolod.mdns.protocol import ClaimState, MdnsProtocol, Responder
-from piccolod.mdns.records import CACHE_FLUSH, QU_BIT, ServiceSpec
+from piccolod.mdns.protocol import LAST_MULTICAST_LIMIT, ClaimState, MdnsProtocol, Responder
+from piccolod.mdns.records import CACHE_FLUSH, QU_BIT, ServiceSpec, host_records
 from piccolod.mdns.testing import query, response, rr_a, rr_ptr, rr_srv, written
 
 HOST = b"piccolo.local"
@@ -765,6 +765,16 @@ class DefenceTests(SynchronousTestCase):
         h.sent()
         h.receive(query((HOST, dns.A)), LEGACY)
         self.assertEqual(h.sent(), [])
+
+    def test_multicast_history_stays_bounded(self) -> None:
+        """Records that left the zone are pruned from the multicast history; current ones stay."""
+        h = Harness()
+        h.settle()
+        for i in range(LAST_MULTICAST_LIMIT + 50):
+            h.proto.send_multicast_records(host_records(f"gone{i}", ADDR))
+        self.assertLessEqual(len(h.proto._last_multicast), LAST_MULTICAST_LIMIT + 1)
+        for ident in h.responder.zone(h.proto).idents:
+            self.assertIsNotNone(h.proto.last_multicast(ident))
 
 
 class HealthTests(SynchronousTestCase):
