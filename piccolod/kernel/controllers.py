@@ -321,7 +321,8 @@ class Controller(Service):
     def when_idle(self) -> Deferred[None]:
         """
         Fire once no key is queued or running (keys waiting for a delay do
-        not count).  Cancellable.
+        not count).  Keys queued before start keep it pending until they
+        have run.  Cancellable.
         """
         if self._idle():
             return succeed(None)
@@ -364,6 +365,8 @@ class Controller(Service):
     # -- IService -------------------------------------------------------------
 
     def startService(self) -> None:
+        if self.running:
+            return
         self.running = True
         for key, (due, _) in list(self._waiting.items()):
             self._schedule(key, due)

@@ -30,6 +30,13 @@ events are always seen in transition order.  While transitions are queued,
 :attr:`~Machine.state` is the committed state, and :meth:`~Machine.can` /
 :meth:`~Machine.allowed` answer for the state ``fire`` would start from.
 
+Asynchronous work belongs *in* a state, not between two: the lock machine
+enters ``preunlock`` before it derives keys and leaves it on ``opened`` or
+``failed``.  The state is then the per-entity lock: a second ``unlock``
+request meanwhile finds the machine in ``preunlock`` and is refused with
+``IllegalTransition`` instead of racing the first (Home Assistant's
+``SETUP_IN_PROGRESS`` lesson).
+
 :data:`LOCK_MACHINE` is the persistence lock machine's table.
 """
 
@@ -209,6 +216,10 @@ class Machine(Generic[S]):
         current = self._projected()
         return [trigger for (source, trigger) in self.transitions if source == current]
 
+    def is_final(self) -> bool:
+        """True when no trigger leads out of the state ``fire`` would start from."""
+        return not self.allowed()
+
     def describe(self) -> list[dict[str, str]]:
         """The table as ``{"from", "trigger", "to"}`` rows (see :func:`describe_table`)."""
         return describe_table(self.transitions)
@@ -285,13 +296,8 @@ class Machine(Generic[S]):
         )
         self._state = target
         self._history.append(transition)
-        self.log.debug(
-            "{machine}: {previous} -> {state} on {trigger}",
-            machine=self.name,
-            previous=state_name(previous),
-            state=state_name(target),
-            trigger=trigger,
-        )
+        # No log line here: the StateTransition event and the history are
+        # the record (logging every transition costs more than the rest).
         hooks: list[Callable[[Transition[S]], object]] = [
             *self._on_exit.get(previous, ()),
             *self._on_enter.get(target, ()),

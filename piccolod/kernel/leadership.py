@@ -31,6 +31,7 @@ old one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NoReturn
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -172,20 +173,23 @@ class LeadershipRegistry:
 
         previous = self.state(resource)
         if term < previous.term:
-            raise StaleTerm(
-                f"{resource}: term {term} is below the current term {previous.term}",
-                resource=resource,
-                term=term,
+            self._refuse(
+                resource,
+                role,
+                term,
+                leader_id=leader_id,
                 current_term=previous.term,
+                reason="term below current",
             )
         last = self._leaderships.get(resource)
         if leader_id is not None and last is not None and last[0] == term and last[1] != leader_id:
-            raise StaleTerm(
-                f"{resource}: term {term} was already led by {last[1]!r}; "
-                f"{leader_id!r} needs a greater term",
-                resource=resource,
-                term=term,
+            self._refuse(
+                resource,
+                role,
+                term,
+                leader_id=leader_id,
                 current_term=previous.term,
+                reason=f"term led by {last[1]}",
             )
 
         new = LeadershipState(
@@ -202,14 +206,8 @@ class LeadershipRegistry:
             # Nothing changed (a first write may equal the implicit default:
             # the resource is now listed, but nothing is published).
             return previous
-        self.log.info(
-            "leadership of {resource}: {previous} -> {role} (term {term}, leader {leader_id})",
-            resource=resource,
-            previous=previous.role.value,
-            role=role.value,
-            term=term,
-            leader_id=leader_id,
-        )
+        # Accepted changes are logged by the LeadershipObserver (from the
+        # event); only refusals are logged here.
         if self.bus is not None:
             self.bus.publish(
                 LeadershipRoleChanged(
@@ -225,6 +223,34 @@ class LeadershipRegistry:
         if role is Role.LEADER:
             self._wake(resource)
         return new
+
+    def _refuse(
+        self,
+        resource: str,
+        role: Role,
+        term: int,
+        *,
+        leader_id: str | None,
+        current_term: int,
+        reason: str,
+    ) -> NoReturn:
+        self.log.warn(
+            "refused stale leadership update of {resource}: {role} at term {term} "
+            "(leader {leader_id}, current term {current_term}): {reason}",
+            resource=resource,
+            role=role.value,
+            term=term,
+            leader_id=leader_id,
+            current_term=current_term,
+            reason=reason,
+        )
+        raise StaleTerm(
+            f"{resource}: {reason} (term {term}, current term {current_term}, "
+            f"leader {leader_id!r})",
+            resource=resource,
+            term=term,
+            current_term=current_term,
+        )
 
     def _wake(self, resource: str) -> None:
         # One waiter at a time: a waiter's callback may step down again, in

@@ -547,6 +547,14 @@ class ControllerTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(controller.stats().waiting, 1)
 
+    def test_start_twice_is_harmless(self) -> None:
+        """A second startService neither resyncs again nor adds a second resync loop."""
+        controller = self.make(FakeReconciler(lambda key: None, keys=["a"]), resync_interval=60.0)
+        controller.startService()
+        self.assertEqual(self.reconciler.keys_calls, 1)
+        self.clock.advance(60)
+        self.assertEqual(self.reconciler.keys_calls, 2)
+
     def test_stop_when_idle_is_immediate(self) -> None:
         """Stopping an idle controller fires at once."""
         controller = self.make()

@@ -114,8 +114,10 @@ class MachineTests(SynchronousTestCase):
         self.assertEqual(self.machine.allowed(), ["start", "cancel"])
         self.machine.fire("start")
         self.assertEqual(self.machine.allowed(), ["succeed", "fail", "cancel"])
+        self.assertFalse(self.machine.is_final())
         self.machine.fire("cancel")
         self.assertEqual(self.machine.allowed(), [])
+        self.assertTrue(self.machine.is_final())
 
     def test_each_transition_publishes(self) -> None:
         """Every transition publishes one StateTransition with the machine's name."""

@@ -239,15 +239,17 @@ class RegistryTests(SynchronousTestCase):
         self.assertRaises(ValueError, LeadershipRegistry, None, "")
         self.assertRaises(TypeError, LeadershipRegistry, object(), NODE)
 
-    def test_change_is_logged_with_named_fields(self) -> None:
-        """A change is logged with resource, role, previous, term and leader_id fields."""
+    def test_refusal_is_logged_with_named_fields(self) -> None:
+        """A refused stale update is logged with resource, role, term and leader_id fields."""
+        self.registry.update("app:x", Role.FOLLOWER, 3, "node-b")
         with capturedLogs() as events:
-            self.registry.update("app:x", Role.LEADER, 3)
+            self.assertRaises(StaleTerm, self.registry.update, "app:x", Role.LEADER, 3)
         [event] = [e for e in events if e.get("resource") == "app:x"]
         self.assertEqual(
-            (event["role"], event["previous"], event["term"], event["leader_id"]),
-            ("leader", "unknown", 3, NODE),
+            (event["role"], event["term"], event["leader_id"], event["current_term"]),
+            ("leader", 3, NODE, 3),
         )
+        self.assertIn("node-b", event["reason"])
 
 
 class WhenLeaderTests(SynchronousTestCase):
