@@ -18,6 +18,7 @@ a killed mount process being noticed).
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
+from zope.interface.interface import Method
 from zope.interface.verify import verifyObject
 
 from piccolod.errors import InvalidCommand
@@ -70,6 +72,21 @@ BAD_IDS: list[Any] = [
 ]
 
 BAD_PASSPHRASES: list[Any] = [b"", b"with\nnewline", b"cr\r", b"nul\0", "text", None, b"x" * 1025]
+
+
+def assert_parameter_names(case: Any, interface: Any, obj: Any) -> None:
+    """Each method of ``interface`` has the same parameter names on ``obj`` (buildbot's check)."""
+    for name in interface.names(all=True):
+        description = interface[name]
+        if not isinstance(description, Method):
+            continue
+        declared = list(description.getSignatureInfo()["positional"])
+        actual = [
+            p.name
+            for p in inspect.signature(getattr(obj, name)).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        case.assertEqual(actual, declared, f"{type(obj).__name__}.{name}")
 
 
 class VolumeAdapterFixture(_Base):
@@ -127,6 +144,7 @@ class VolumeAdapterContract(VolumeAdapterFixture):
         """The adapter provides IVolumeAdapter and IService, with kind and encrypted set."""
         verifyObject(IVolumeAdapter, self.adapter)
         verifyObject(IService, self.adapter)
+        assert_parameter_names(self, IVolumeAdapter, self.adapter)
         self.assertIsInstance(self.adapter.kind, str)
         self.assertIsInstance(self.adapter.encrypted, bool)
 

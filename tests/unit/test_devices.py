@@ -25,6 +25,7 @@ from piccolod.kernel.health import HealthTracker
 from piccolod.kernel.plugins import SubsystemContext, discover
 from piccolod.testing.bus import FakeEventBus
 from piccolod.testing.dispatcher import FakeCommandDispatcher
+from tests.contracts.volumes import assert_parameter_names
 
 
 class FakeSysfs:
@@ -218,7 +219,9 @@ class ScanTests(DevicesTestCase):
 class ManagerTests(DevicesTestCase):
     def test_provides_its_interface(self) -> None:
         """DeviceManager provides IDeviceManager."""
-        verifyObject(IDeviceManager, self.manager())
+        manager = self.manager()
+        verifyObject(IDeviceManager, manager)
+        assert_parameter_names(self, IDeviceManager, manager)
 
     def test_first_scan_adds_every_disk(self) -> None:
         """Starting scans at once and publishes 'added' for each disk, by name."""

@@ -47,7 +47,12 @@ from piccolod.persistence.volumes import (
     write_atomically,
 )
 from piccolod.testing.bus import FakeEventBus
-from tests.contracts.volumes import BAD_IDS, OTHER_PASSPHRASE, PASSPHRASE
+from tests.contracts.volumes import (
+    BAD_IDS,
+    OTHER_PASSPHRASE,
+    PASSPHRASE,
+    assert_parameter_names,
+)
 
 
 @implementer(IVolumeAdapter)
@@ -403,6 +408,7 @@ class BadInputTests(ManagerTestCase):
     def test_fake_adapter_is_honest(self) -> None:
         """The test double provides IVolumeAdapter like the real adapters."""
         verifyObject(IVolumeAdapter, self.adapter)
+        assert_parameter_names(self, IVolumeAdapter, self.adapter)
 
 
 class JournalTests(ManagerTestCase):
