@@ -62,6 +62,10 @@ class SubsystemContext:
             ) from None
 
 
+def _frozen_mapping(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
+    return types.MappingProxyType(dict(mapping))
+
+
 @implementer(IPlugin, ISubsystemPlugin)
 @attrs.frozen
 class SubsystemPlugin:
@@ -76,7 +80,7 @@ class SubsystemPlugin:
     factory: str
     provides: tuple[type[Interface], ...] = ()
     requires: tuple[type[Interface], ...] = ()
-    config_keys: Mapping[str, Any] = attrs.field(factory=dict, converter=types.MappingProxyType)
+    config_keys: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
     #: Slots always started, even if no config section names them.
     default: bool = False
 
