@@ -39,9 +39,9 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 
 from piccolod.events import Envelope
-from piccolod.interfaces import JobState, Overflow
+from piccolod.interfaces import IJobControl, JobState, Overflow
 from piccolod.kernel.bus import MemoryEventBus
-from piccolod.kernel.jobs import JobControl, JobRunner, JobSpec
+from piccolod.kernel.jobs import JobRunner, JobSpec
 
 SCENARIOS = ["sync-limit1", "sync-limit8", "async-limit8", "async-yield-limit8", "sync-limit8-bus"]
 
@@ -63,17 +63,17 @@ async def _run_one(reactor: Any, scenario: str, jobs: int) -> dict[str, Any]:
     runner = JobRunner(reactor, bus, limits={"bench": limit})
     runner.startService()
 
-    def sync_body(control: JobControl) -> int:
+    def sync_body(control: IJobControl) -> int:
         return control.attempt
 
-    async def async_body(control: JobControl) -> int:
+    async def async_body(control: IJobControl) -> int:
         return control.attempt
 
-    async def yielding_body(control: JobControl) -> int:
+    async def yielding_body(control: IJobControl) -> int:
         await _sleep0(reactor)
         return control.attempt
 
-    body: Callable[[JobControl], Any] = {
+    body: Callable[[IJobControl], Any] = {
         "async-limit8": async_body,
         "async-yield-limit8": yielding_body,
     }.get(scenario, sync_body)

@@ -604,8 +604,25 @@ class ISubsystemPlugin(Interface):
 # ==========================================================================
 # Jobs
 
-if TYPE_CHECKING:
-    from piccolod.kernel.jobs import JobSpec
+#: Characters of a job class name (``export``, ``quick-check``, ``wal.checkpoint``).
+_JOB_CLASS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+
+def _frozen_labels(value: Any) -> Any:
+    from types import MappingProxyType
+
+    if isinstance(value, Mapping):
+        return MappingProxyType(dict(value))
+    return value  # rejected with the other errors in JobSpec.__attrs_post_init__
+
+
+def _positive_number(value: object) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 class JobState(enum.Enum):
@@ -624,6 +641,88 @@ class JobState(enum.Enum):
     def final(self) -> bool:
         """Whether the job has ended (no transition leaves this state)."""
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class IJobControl(Interface):
+    """What a job body receives, one per attempt."""
+
+    job_id: str = Attribute("The job's id (the same for every attempt).")
+    attempt: int = Attribute("This attempt's number, from 1.")
+    metadata: Mapping[str, str] = Attribute("The spec's metadata.")
+    cancelled: bool = Attribute(
+        "True once this attempt was cancelled or timed out; a body doing "
+        "synchronous chunks of work checks it between chunks."
+    )
+
+    def report(progress: float, message: str = "") -> None:
+        """
+        Record progress (clamped to 0..1; NaN keeps the previous value) and
+        publish it on ``jobs.progress``.  Ignored once the attempt has ended
+        or been cancelled.
+        """
+
+    def raise_if_cancelled() -> None:
+        """Raise ``CancelledError`` if this attempt was cancelled."""
+
+
+@attrs.frozen
+class JobSpec:
+    """
+    What to run as a job, and how.
+
+    @ivar job_class: the concurrency class (``export``, ``rebuild``,
+        ``telemetry``): 1 to 64 of ``a-z0-9_.-``, starting with a letter or
+        digit.
+    @ivar fn: the body, called with an ``IJobControl`` once per attempt; a
+        plain function, a Deferred-returning one or ``async def``.
+    @ivar priority: higher starts first.
+    @ivar timeout: seconds per attempt, or ``None`` for no limit.
+    @ivar retries: how many times a failed attempt is retried.
+    @ivar backoff: the delay before each retry (jittered).
+    @ivar metadata: free-form string labels, kept across retries and shown
+        by the API; ``correlation_id`` tags the job's events.
+    @ivar name: a human-readable name (defaults to ``job_class``).
+
+    Raises ``InvalidCommand`` listing every bad field.
+    """
+
+    job_class: str
+    fn: Callable[[IJobControl], MaybeAsync]
+    priority: int = 0
+    timeout: float | None = None
+    retries: int = 0
+    backoff: Backoff = attrs.field(factory=Backoff)
+    metadata: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_labels)
+    name: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        errors: list[str] = []
+        job_class: object = self.job_class
+        if (
+            not isinstance(job_class, str)
+            or not 1 <= len(job_class) <= 64
+            or not _JOB_CLASS_CHARS.issuperset(job_class)
+            or job_class[0] in "_.-"
+        ):
+            errors.append(f"job_class {job_class!r} must be 1-64 of a-z0-9_.- (not first: _.-)")
+        if not callable(self.fn):
+            errors.append(f"fn {self.fn!r} is not callable")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            errors.append(f"priority {self.priority!r} must be an int")
+        if self.timeout is not None and not _positive_number(self.timeout):
+            errors.append(f"timeout {self.timeout!r} must be a positive number or None")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            errors.append(f"retries {self.retries!r} must be an int >= 0")
+        if not isinstance(self.backoff, Backoff):
+            errors.append(f"backoff {self.backoff!r} must be a Backoff")
+        if not isinstance(self.metadata, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()
+        ):
+            errors.append(f"metadata {self.metadata!r} must map str to str")
+        if not isinstance(self.name, str):
+            errors.append(f"name {self.name!r} must be a str")
+        if errors:
+            raise InvalidCommand("invalid job spec", errors=errors)
 
 
 class IJobHandle(Interface):
@@ -1032,6 +1131,7 @@ __all__ = [
     "IDeviceManager",
     "IEventBus",
     "IHealth",
+    "IJobControl",
     "IJobHandle",
     "IJobRunner",
     "ILeadershipRegistry",
@@ -1043,6 +1143,7 @@ __all__ = [
     "IVolumeAdapter",
     "IllegalTransition",
     "InvalidCommand",
+    "JobSpec",
     "JobState",
     "LeadershipState",
     "Locked",

@@ -5,7 +5,8 @@ limits, timeouts, retries, cancellation, progress events and a history.
 Exports, control-store ``quick_check`` and WAL checkpoints, volume sweeps and
 telemetry sampling run as jobs.  A job is a :class:`JobSpec` (its class,
 body, priority, timeout, retries, backoff, metadata); :meth:`JobRunner.submit`
-returns a :class:`JobHandle`.
+returns a :class:`JobHandle`.  ``JobSpec`` and ``JobState`` are part of the
+shared vocabulary (:mod:`piccolod.interfaces`) and re-exported here.
 
 Semantics (the tests in ``tests/unit/test_jobs.py`` pin each one):
 
@@ -67,7 +68,6 @@ import itertools
 import math
 import os
 import random
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -92,17 +92,15 @@ from piccolod.errors import (
 )
 from piccolod.events import Event, JobFinished, JobProgress
 from piccolod.interfaces import (
-    Backoff,
     IEventBus,
+    IJobControl,
     IJobHandle,
     IJobRunner,
+    JobSpec,
     JobState,
-    MaybeAsync,
 )
 from piccolod.kernel.aio import call, provides
 from piccolod.kernel.fsm import Machine
-
-_CLASS_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 #: The job state machine: (state, trigger) -> next state.
 TRANSITIONS: Mapping[tuple[JobState, str], JobState] = MappingProxyType(
@@ -122,76 +120,19 @@ _STOP = "stop"
 _TIMEOUT = "timeout"
 
 
-def _freeze_metadata(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return MappingProxyType(dict(value))
-    return value  # rejected with the other errors in __attrs_post_init__
-
-
 def _freeze_limits(value: Mapping[str, int]) -> Mapping[str, int]:
     return MappingProxyType(dict(value))
 
 
-@attrs.frozen
-class JobSpec:
-    """
-    What to run and how.
-
-    @ivar job_class: the concurrency class (``export``, ``rebuild``,
-        ``telemetry``): lowercase letters, digits, ``_.-``.
-    @ivar fn: the body, called with a :class:`JobControl` once per attempt;
-        a plain function, a Deferred-returning one or ``async def``.
-    @ivar priority: higher starts first.
-    @ivar timeout: seconds per attempt, or ``None`` for no limit.
-    @ivar retries: how many times a failed attempt is retried.
-    @ivar backoff: the delay before each retry (jittered).
-    @ivar metadata: free-form string labels, kept across retries and shown
-        by the API; ``correlation_id`` tags the job's events.
-    @ivar name: a human-readable name (defaults to ``job_class``).
-    """
-
-    job_class: str
-    fn: Callable[[JobControl], MaybeAsync]
-    priority: int = 0
-    timeout: float | None = None
-    retries: int = 0
-    backoff: Backoff = attrs.field(factory=Backoff)
-    metadata: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_metadata)
-    name: str = ""
-
-    def __attrs_post_init__(self) -> None:
-        errors: list[str] = []
-        if not isinstance(self.job_class, str) or not _CLASS_RE.match(self.job_class):
-            errors.append(f"job_class {self.job_class!r} must match {_CLASS_RE.pattern}")
-        if not callable(self.fn):
-            errors.append(f"fn {self.fn!r} is not callable")
-        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
-            errors.append(f"priority {self.priority!r} must be an int")
-        if self.timeout is not None and (
-            isinstance(self.timeout, bool)
-            or not isinstance(self.timeout, (int, float))
-            or not math.isfinite(self.timeout)
-            or self.timeout <= 0
-        ):
-            errors.append(f"timeout {self.timeout!r} must be a positive number or None")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            errors.append(f"retries {self.retries!r} must be an int >= 0")
-        if not isinstance(self.backoff, Backoff):
-            errors.append(f"backoff {self.backoff!r} must be a Backoff")
-        if not isinstance(self.metadata, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()
-        ):
-            errors.append(f"metadata {self.metadata!r} must map str to str")
-        if not isinstance(self.name, str):
-            errors.append(f"name {self.name!r} must be a str")
-        if errors:
-            raise InvalidCommand("invalid job spec", errors=errors)
+def _no_body(control: IJobControl) -> None:
+    return None
 
 
+@implementer(IJobControl)
 @attrs.define(eq=False)
 class JobControl:
     """
-    What a job body receives, one per attempt.
+    What a job body receives, one per attempt (see ``IJobControl``).
 
     @ivar cancelled: True once this attempt was cancelled or timed out; a
         body doing synchronous chunks of work checks it between chunks.
@@ -451,7 +392,9 @@ class JobRunner(Service):
         positive_int("history", self.history, 0)
         positive_int("max_batch", self.max_batch, 1)
         for job_class, limit in self.limits.items():
-            if not isinstance(job_class, str) or not _CLASS_RE.match(job_class):
+            try:
+                JobSpec(job_class, _no_body)  # the one rule for class names
+            except InvalidCommand:
                 errors.append(f"limits: bad job class {job_class!r}")
             positive_int(f"limits[{job_class!r}]", limit, 1)
         if (
@@ -1058,5 +1001,6 @@ __all__ = [
     "JobHandle",
     "JobRunner",
     "JobSpec",
+    "JobState",
     "PeriodicJob",
 ]

@@ -27,26 +27,26 @@ from piccolod.errors import (
     NotReady,
 )
 from piccolod.events import Event, JobFinished, JobProgress
-from piccolod.interfaces import Backoff, IJobHandle, IJobRunner, JobState
-from piccolod.kernel.jobs import TRANSITIONS, JobControl, JobRunner, JobSpec, PeriodicJob
+from piccolod.interfaces import Backoff, IJobControl, IJobHandle, IJobRunner, JobState
+from piccolod.kernel.jobs import TRANSITIONS, JobRunner, JobSpec, PeriodicJob
 from piccolod.testing.bus import FakeEventBus
 
 
 @attrs.define(eq=False)
 class Body:
     """
-    A controllable job body: every call records its ``JobControl`` (and its
+    A controllable job body: every call records its ``IJobControl`` (and its
     name in the shared ``started`` list) and returns a pending Deferred that
     the test fires; cancelling that Deferred is recorded.
     """
 
     name: str = "body"
     started: list[str] = attrs.field(factory=list)
-    calls: list[JobControl] = attrs.field(factory=list)
+    calls: list[IJobControl] = attrs.field(factory=list)
     deferreds: list[Deferred[Any]] = attrs.field(factory=list)
     cancelled: list[int] = attrs.field(factory=list)
 
-    def __call__(self, control: JobControl) -> Deferred[Any]:
+    def __call__(self, control: IJobControl) -> Deferred[Any]:
         self.calls.append(control)
         self.started.append(self.name)
         d: Deferred[Any] = Deferred(lambda _d: self.cancelled.append(control.attempt))
@@ -54,7 +54,7 @@ class Body:
         return d
 
     @property
-    def control(self) -> JobControl:
+    def control(self) -> IJobControl:
         return self.calls[-1]
 
     def succeed(self, value: object = None) -> None:
@@ -64,7 +64,7 @@ class Body:
         self.deferreds[-1].errback(error)
 
 
-def ok(value: object = None) -> Callable[[JobControl], object]:
+def ok(value: object = None) -> Callable[[IJobControl], object]:
     """A synchronous body returning ``value``."""
     return lambda control: value
 
@@ -164,26 +164,41 @@ class ConfigTests(SynchronousTestCase):
         self.assertRaises(TypeError, JobRunner, object())
 
     def test_interfaces(self) -> None:
-        """The runner, its handles and periodic jobs provide their interfaces."""
+        """The runner, handles, controls and periodic jobs provide their interfaces."""
         clock = Clock()
         runner = JobRunner(clock)
-        handle = runner.submit(JobSpec("export", ok()))
-        self.assertTrue(verifyObject(IJobRunner, runner))
-        self.assertTrue(verifyObject(IService, runner))
-        self.assertTrue(verifyObject(IJobHandle, handle))
+        runner.startService()
+        body = Body()
+        handle = runner.submit(JobSpec("export", body))
+        clock.advance(0)
         periodic = runner.every(1.0, lambda: None)
-        self.assertTrue(verifyObject(IService, periodic))
-        for iface, obj in ((IJobRunner, runner), (IJobHandle, handle)):
+        pairs: list[tuple[Any, Any]] = [
+            (IJobRunner, runner),
+            (IService, runner),
+            (IJobHandle, handle),
+            (IJobControl, body.control),
+            (IService, periodic),
+        ]
+        for iface, obj in pairs:
+            self.assertTrue(verifyObject(iface, obj))
             for name in iface.names():
                 declared = iface[name]
                 if not hasattr(declared, "getSignatureInfo"):
                     continue
                 params = list(inspect.signature(getattr(obj, name)).parameters)
-                with self.subTest(method=name):
+                with self.subTest(interface=iface.__name__, method=name):
                     self.assertEqual(params, list(declared.getSignatureInfo()["positional"]))
         periodic.stopService()
         runner.stopService()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_kernel_reexports_the_vocabulary(self) -> None:
+        """piccolod.kernel.jobs re-exports the vocabulary's JobSpec and JobState."""
+        from piccolod import interfaces
+        from piccolod.kernel import jobs
+
+        self.assertIs(jobs.JobSpec, interfaces.JobSpec)
+        self.assertIs(jobs.JobState, interfaces.JobState)
 
 
 class DispatchTests(RunnerMixin, SynchronousTestCase):
@@ -209,11 +224,11 @@ class DispatchTests(RunnerMixin, SynchronousTestCase):
         """Plain, raising and async def bodies all end in the right state."""
         runner = self.make_runner(default_limit=4)
 
-        async def coro(control: JobControl) -> str:
+        async def coro(control: IJobControl) -> str:
             await deferLater(self.clock, 1.0, lambda: None)
             return "slept"
 
-        def boom(control: JobControl) -> None:
+        def boom(control: IJobControl) -> None:
             raise ValueError("bad disk")
 
         plain = runner.submit(JobSpec("a", ok(42)))
@@ -419,7 +434,7 @@ class CancelTests(RunnerMixin, SynchronousTestCase):
         runner = self.make_runner()
         seen: list[str] = []
 
-        async def body(control: JobControl) -> None:
+        async def body(control: IJobControl) -> None:
             try:
                 await deferLater(self.clock, 100.0, lambda: None)
             except CancelledError:
@@ -448,7 +463,7 @@ class CancelTests(RunnerMixin, SynchronousTestCase):
         runner = self.make_runner()
         handles: list[Any] = []
 
-        def body(control: JobControl) -> str:
+        def body(control: IJobControl) -> str:
             handles[0].cancel()
             return "ignored"
 
@@ -458,7 +473,7 @@ class CancelTests(RunnerMixin, SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_raise_if_cancelled(self) -> None:
-        """JobControl.raise_if_cancelled raises only after cancellation."""
+        """IJobControl.raise_if_cancelled raises only after cancellation."""
         runner = self.make_runner()
         body = Body()
         handle = runner.submit(JobSpec("export", body))
@@ -487,7 +502,7 @@ class CancelTests(RunnerMixin, SynchronousTestCase):
         runner = self.make_runner(cancel_grace=5.0)
         late: list[str] = []
 
-        async def stubborn(control: JobControl) -> str:
+        async def stubborn(control: IJobControl) -> str:
             try:
                 await deferLater(self.clock, 100.0, lambda: None)
             except CancelledError:
@@ -575,7 +590,7 @@ class TimeoutRetryTests(RunnerMixin, SynchronousTestCase):
         """A cancel during a timed-out attempt's grace period ends the job cancelled, no retry."""
         runner = self.make_runner(cancel_grace=10.0)
 
-        async def stubborn(control: JobControl) -> None:
+        async def stubborn(control: IJobControl) -> None:
             try:
                 await deferLater(self.clock, 100.0, lambda: None)
             except CancelledError:
@@ -593,7 +608,7 @@ class TimeoutRetryTests(RunnerMixin, SynchronousTestCase):
         """A timed-out body that ignores cancellation fails with CommandTimeout, unretried."""
         runner = self.make_runner(cancel_grace=2.0)
 
-        def deaf(control: JobControl) -> Deferred[None]:
+        def deaf(control: IJobControl) -> Deferred[None]:
             inner: Deferred[None] = Deferred()
             outer: Deferred[None] = Deferred()
             outer.callback(None)
@@ -736,9 +751,9 @@ class EventTests(RunnerMixin, SynchronousTestCase):
     def test_cancelled_attempt_reports_are_ignored(self) -> None:
         """After cancellation a body's reports change nothing and publish nothing."""
         runner = self.make_runner(cancel_grace=1.0)
-        controls: list[JobControl] = []
+        controls: list[IJobControl] = []
 
-        def deaf(control: JobControl) -> Deferred[None]:
+        def deaf(control: IJobControl) -> Deferred[None]:
             controls.append(control)
             inner: Deferred[None] = Deferred()
             inner.pause()
@@ -1023,7 +1038,7 @@ class StopTests(RunnerMixin, SynchronousTestCase):
         """stopService waits for a slow-stopping body, but no longer than the grace period."""
         runner = self.make_runner(cancel_grace=3.0)
 
-        async def slow_to_stop(control: JobControl) -> None:
+        async def slow_to_stop(control: IJobControl) -> None:
             try:
                 await deferLater(self.clock, 100.0, lambda: None)
             except CancelledError:
@@ -1045,7 +1060,7 @@ class StopTests(RunnerMixin, SynchronousTestCase):
         """A job failing while the runner stops ends failed instead of scheduling a retry."""
         runner = self.make_runner()
 
-        def raising_on_cancel(control: JobControl) -> Deferred[None]:
+        def raising_on_cancel(control: IJobControl) -> Deferred[None]:
             return Deferred(lambda d: d.errback(OSError("interrupted")))
 
         handle = runner.submit(JobSpec("export", raising_on_cancel, retries=5))

@@ -26,8 +26,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock, deferLater
 
 from piccolod.events import JobFinished, JobProgress
-from piccolod.interfaces import Backoff, JobState
-from piccolod.kernel.jobs import TRANSITIONS, JobControl, JobHandle, JobRunner, JobSpec
+from piccolod.interfaces import Backoff, IJobControl, JobState
+from piccolod.kernel.jobs import TRANSITIONS, JobHandle, JobRunner, JobSpec
 from piccolod.testing.bus import FakeEventBus
 
 LIMITS = {"a": 1, "b": 2}
@@ -67,7 +67,7 @@ class JobRunnerMachine(RuleBasedStateMachine):
 
     # -- bodies
 
-    def _track(self, control: JobControl, job_class: str) -> Deferred[Any]:
+    def _track(self, control: IJobControl, job_class: str) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         self.in_flight[job_class] += 1
 
@@ -86,7 +86,7 @@ class JobRunnerMachine(RuleBasedStateMachine):
             return lambda control: control.attempt
         if kind == "sync-fail":
 
-            def fail(control: JobControl) -> None:
+            def fail(control: IJobControl) -> None:
                 raise RuntimeError("sync failure")
 
             return fail
@@ -94,13 +94,13 @@ class JobRunnerMachine(RuleBasedStateMachine):
             return lambda control: self._track(control, job_class)
         if kind == "async":
 
-            async def coro(control: JobControl) -> object:
+            async def coro(control: IJobControl) -> object:
                 control.report(0.5, "halfway")
                 return await self._track(control, job_class)
 
             return coro
 
-        async def stubborn(control: JobControl) -> str:
+        async def stubborn(control: IJobControl) -> str:
             try:
                 await deferLater(self.clock, 1000.0, lambda: None)
             except CancelledError:
