@@ -228,6 +228,18 @@ class TransientError(PiccolodError):
     retryable = True
 
 
+class InvalidHandlerResult(PiccolodError):
+    """
+    A command handler broke its contract: it returned (or its Deferred fired
+    with) something that is not a :class:`~piccolod.commands.Result`.  An
+    internal error, never retried.
+    """
+
+    type = "internal"
+    title = "Handler returned an invalid result"
+    status = 500
+
+
 class ConfigError(PiccolodError):
     """
     The configuration is invalid.  Carries every problem found, not only the
@@ -261,6 +273,7 @@ __all__ = [
     "DuplicateRegistration",
     "IllegalTransition",
     "InvalidCommand",
+    "InvalidHandlerResult",
     "Locked",
     "NotFound",
     "NotLeader",

@@ -47,6 +47,7 @@ from piccolod.errors import (
     Conflict,
     DuplicateRegistration,
     InvalidCommand,
+    InvalidHandlerResult,
     Locked,
     NotLeader,
     PiccolodError,
@@ -93,20 +94,6 @@ DEFAULT_BACKOFF = Backoff(initial=0.05, maximum=2.0)
 def _failure(exception: BaseException | None = None) -> Failure:
     """A ``Failure`` of ``exception``, or of the exception being handled."""
     return Failure(exception)  # type: ignore[no-untyped-call]
-
-
-class InvalidHandlerResult(PiccolodError):
-    """
-    A handler broke its contract: it returned (or its Deferred fired with)
-    something that is not a :class:`~piccolod.commands.Result`.  An internal
-    error (HTTP 500), never retried.
-
-    Local to the dispatcher until it moves to :mod:`piccolod.errors`.
-    """
-
-    type = "internal"
-    title = "Handler returned an invalid result"
-    status = 500
 
 
 def is_retryable(failure: Failure) -> bool:

@@ -83,7 +83,8 @@ class LeadershipRegistry:
         return [self._states[name] for name in sorted(self._states)]
 
     def is_leader(self, resource: str) -> bool:
-        return self.role(resource) is Role.LEADER
+        found = self._states.get(resource)  # the dispatcher's leader gate: keep it direct
+        return found is not None and found.role is Role.LEADER
 
     def require_leader(self, resource: str) -> LeadershipState:
         """

@@ -38,10 +38,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from piccolod.commands import Command, CommandContext, Result
-from piccolod.errors import DuplicateRegistration, InvalidCommand, UnknownCommand
+from piccolod.errors import (
+    DuplicateRegistration,
+    InvalidCommand,
+    InvalidHandlerResult,
+    UnknownCommand,
+)
 from piccolod.interfaces import ICommandDispatcher, ICommandHandler, Middleware
 from piccolod.kernel.aio import call, to_deferred
-from piccolod.kernel.dispatcher import SLOTS, InvalidHandlerResult
+from piccolod.kernel.dispatcher import SLOTS
 
 __all__ = ["FakeCommandDispatcher"]
 
