@@ -290,8 +290,10 @@ class Responder:
         """
         Advertise a service (or update it).  A new instance name is probed
         first; a changed port or TXT of a claimed one is just re-announced
-        (RFC 6762 §8.4).
+        (RFC 6762 §8.4).  Raises ``ValueError`` for the reserved key ``host``.
         """
+        if spec.key == "host":
+            raise ValueError("the service key 'host' is reserved for the host name")
         existing = self._claims.get(spec.key)
         if existing is not None and existing.spec is not None:
             if existing.spec == spec:

@@ -281,6 +281,13 @@ class GoodbyeTests(SynchronousTestCase):
         self.assertEqual(enum_ptr.payload.name.name, b"_ssh._tcp.local")
         self.assertIn(("service", "app-ssh._ssh._tcp.local", "", "withdrawn"), h.names)
 
+    def test_host_key_is_reserved(self) -> None:
+        """A service cannot take the key of the host name's claim."""
+        h = Harness()
+        with self.assertRaises(ValueError):
+            h.responder.publish(ServiceSpec("host", "x", "_http._tcp", 1))
+        self.assertEqual(h.responder.host.spec, None)
+
     def test_withdrawn_service_is_no_longer_answered(self) -> None:
         """After withdrawal a query for the service type lists only what remains."""
         h = Harness()
