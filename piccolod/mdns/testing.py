@@ -94,7 +94,7 @@ def query(
     m.trunc = int(truncated)
     for q in questions:
         name, qtype = q[0], q[1]
-        qu = len(q) > 2 and bool(q[2])  # type: ignore[misc]
+        qu = len(q) > 2 and bool(q[2])
         m.queries.append(dns.Query(name, qtype, CLASS_IN | (QU_BIT if qu else 0)))
     m.answers = list(known)
     m.authority = list(authority)

@@ -20,9 +20,7 @@ mdnsMulticast = SubsystemPlugin(
     ),
     factory="piccolod.mdns.service.MulticastResponderService.from_context",
     provides=(IMdnsResponder,),
-    # type: ignore: the MappingProxyType converter confuses mypy on
-    # SubsystemPlugin.config_keys (same fix pending as for the consensus plugin).
-    config_keys=CONFIG_KEYS,  # type: ignore[arg-type]
+    config_keys=CONFIG_KEYS,
 )
 
 mdnsNull = SubsystemPlugin(
