@@ -108,9 +108,7 @@ def _coerce(section: str, cls: type[Any], raw: Mapping[str, Any], errors: list[s
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in fields:
-            errors.append(
-                f"[{section}] unknown key {key!r}; allowed: {', '.join(sorted(fields))}"
-            )
+            errors.append(f"[{section}] unknown key {key!r}; allowed: {', '.join(sorted(fields))}")
             continue
         default = fields[key].default
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]

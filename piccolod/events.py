@@ -43,9 +43,12 @@ class Event:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of the event's fields (enums as their values)."""
-        return attrs.asdict(  # type: ignore[arg-type]
-            self, value_serializer=_json_value, recurse=True
+        fields: dict[str, Any] = attrs.asdict(
+            self,  # type: ignore[arg-type]
+            value_serializer=_json_value,
+            recurse=True,
         )
+        return fields
 
 
 def _json_value(_inst: Any, _field: Any, value: Any) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 #: What a handler, subscriber or reconciler may return: a plain value, a
 #: Deferred or a coroutine.  The kernel normalises all three.
-MaybeAsync = Union[Any, Deferred[Any], Awaitable[Any]]
+MaybeAsync = Any | Deferred[Any] | Awaitable[Any]
 
 
 # ==========================================================================
@@ -298,7 +298,9 @@ class ICommandDispatcher(Interface):
     gate → leader gate → timeout → retry.
     """
 
-    def register(command_type: type[Command], handler: ICommandHandler | Callable[..., Any]) -> None:
+    def register(
+        command_type: type[Command], handler: ICommandHandler | Callable[..., Any]
+    ) -> None:
         """
         Register ``handler`` for ``command_type.name``.  Raises
         ``DuplicateRegistration`` if the name already has a handler.

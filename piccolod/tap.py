@@ -113,7 +113,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self["use"] = {}
         self.settings: Settings | None = None
         self.log_observer: Any = None
@@ -130,8 +130,7 @@ class Options(usage.Options):
             self.settings = self.load()
         except ConfigError as e:
             raise usage.UsageError(
-                "piccolod cannot start, the configuration has "
-                f"{len(e.errors)} problem(s):\n{e}"
+                f"piccolod cannot start, the configuration has {len(e.errors)} problem(s):\n{e}"
             ) from None
         self.log_observer = self._log_observer(self.settings.config)
 
@@ -229,7 +228,10 @@ def build(reactor: Any, settings: Settings, log_observer: Any = None) -> IServic
     registry = LeadershipRegistry(bus, node_id)
     dispatcher = CommandDispatcher(reactor, bus, registry=registry)
     supervisor = Supervisor(
-        reactor, bus, health, notifier=SystemdNotifier.from_environ(reactor, os.environ, unset_environment=True)
+        reactor,
+        bus,
+        health,
+        notifier=SystemdNotifier.from_environ(reactor, os.environ, unset_environment=True),
     )
     jobs = JobRunner(
         reactor,

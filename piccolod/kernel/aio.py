@@ -71,8 +71,6 @@ def provides(interface: InterfaceClass) -> Callable[[Any, attrs.Attribute[Any], 
 
     def _validate(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         if not interface.providedBy(value):
-            raise TypeError(
-                f"{attribute.name!r} must provide {interface.__name__}, got {value!r}"
-            )
+            raise TypeError(f"{attribute.name!r} must provide {interface.__name__}, got {value!r}")
 
     return _validate

@@ -115,9 +115,7 @@ class Catalogue:
         for plugin in plugins:
             slot = table.setdefault(plugin.slot, {})
             if plugin.variant in slot:
-                errors.append(
-                    f"slot {plugin.slot!r}: two plugins for variant {plugin.variant!r}"
-                )
+                errors.append(f"slot {plugin.slot!r}: two plugins for variant {plugin.variant!r}")
                 continue
             slot[plugin.variant] = plugin
         if errors:
@@ -242,7 +240,7 @@ def verify(plugin: ISubsystemPlugin, service: object) -> None:
         except Invalid as e:
             problems.append(
                 f"{plugin.slot}={plugin.variant}: built object does not provide "
-                f"{interface.__name__}: {e}"
+                f"{getattr(interface, '__name__', interface)}: {e}"
             )
     if problems:
         raise ConfigError(problems)

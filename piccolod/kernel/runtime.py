@@ -75,7 +75,7 @@ class KernelService(Service):
         #: Kernel services (job runner, telemetry) started before the
         #: supervised tree and stopped after it.
         self.services = list(services)
-        self.setName("piccolod")
+        self.setName("piccolod")  # type: ignore[no-untyped-call]
 
     def setServiceParent(self, parent: Any) -> None:
         """
@@ -88,10 +88,10 @@ class KernelService(Service):
 
             if parent.getComponent(ILogObserver, None) is None:
                 parent.setComponent(ILogObserver, self.log_observer)
-        super().setServiceParent(parent)
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.log.info(
             "piccolod {node_id} starting: {subsystems}",
             node_id=self.kernel.node_id,
@@ -99,7 +99,8 @@ class KernelService(Service):
         )
         for service in self.services:
             service.startService()
-        self.kernel.supervisor.startService()
+        root: IService = self.kernel.supervisor  # type: ignore[assignment]
+        root.startService()
         ready = self.kernel.supervisor.when_ready()
         ready.addCallbacks(
             lambda _: self.log.info("piccolod {node_id} ready", node_id=self.kernel.node_id),
@@ -115,12 +116,13 @@ class KernelService(Service):
             self.log.failure("piccolod did not become ready", failure)
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         try:
-            await maybeDeferred(self.kernel.supervisor.stopService)  # type: ignore[attr-defined]
+            root: IService = self.kernel.supervisor  # type: ignore[assignment]
+            await maybeDeferred(root.stopService)
             for service in reversed(self.services):
                 try:
                     await maybeDeferred(service.stopService)

@@ -26,7 +26,6 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from piccolod.events import Envelope, HealthChanged, HealthLevel, Telemetry
@@ -113,7 +112,9 @@ class TelemetrySampler(Service):
 
         self._periodic = self.jobs.every(
             self.interval,
-            lambda: JobSpec(job_class="telemetry", fn=lambda control: self.take(), name="telemetry"),
+            lambda: JobSpec(
+                job_class="telemetry", fn=lambda control: self.take(), name="telemetry"
+            ),
             now=True,
         )
 

@@ -54,11 +54,15 @@ def poll(
         if result is not None:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: {last_error!r}")
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what or check}: {last_error!r}"
+            )
         time.sleep(interval)
 
 
-def http(method: str, url: str, body: Any = None, timeout: float = 5.0) -> tuple[int, dict[str, str], Any]:
+def http(
+    method: str, url: str, body: Any = None, timeout: float = 5.0
+) -> tuple[int, dict[str, str], Any]:
     """One HTTP request; returns (status, headers, decoded JSON or None)."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
@@ -108,7 +112,10 @@ class Daemon:
         self._log = open(self.log_path, "wb")
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
-            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+            self.cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
             stdin=subprocess.DEVNULL,
         )
         return self
@@ -129,8 +136,11 @@ class Daemon:
 
     def wait_ready(self, timeout: float = 15.0) -> float:
         """Poll /health/ready until 200; returns seconds since start."""
-        poll(lambda: True if self.get("/api/v1/health/ready")[0] == 200 else None,
-             timeout=timeout, what="readiness")
+        poll(
+            lambda: True if self.get("/api/v1/health/ready")[0] == 200 else None,
+            timeout=timeout,
+            what="readiness",
+        )
         return time.monotonic() - self.started_at
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:

@@ -6,6 +6,7 @@ the reactor is blocked, STOPPING=1 on SIGTERM.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import textwrap
@@ -38,14 +39,16 @@ def test_ready_watchdog_and_blocked_reactor(tmp_path: Path) -> None:
     sock.bind(path)
     drop = tmp_path / "drop" / "twisted" / "plugins"
     drop.mkdir(parents=True)
-    (drop / "thirdparty_blocker.py").write_text(textwrap.dedent("""
+    (drop / "thirdparty_blocker.py").write_text(
+        textwrap.dedent("""
         from piccolod.kernel.plugins import SubsystemPlugin
         blocker = SubsystemPlugin(
             slot="blocker", variant="sleep", description="blocks the reactor once",
             factory="tests.thirdparty.ReactorBlocker.from_context",
             config_keys={"delay": 1.5, "seconds": 2.0},
         )
-    """))
+    """)
+    )
     root = Path(__file__).resolve().parents[2]
     env = {
         "NOTIFY_SOCKET": path,
@@ -60,7 +63,7 @@ def test_ready_watchdog_and_blocked_reactor(tmp_path: Path) -> None:
         assert ready, texts
         pings = [t for t, m in messages if "WATCHDOG=1" in m]
         assert len(pings) >= 10, texts
-        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
         # The reactor slept 2 s once: exactly one long gap, the rest near 0.1 s.
         long_gaps = [g for g in gaps if g > 1.5]
         assert len(long_gaps) == 1, gaps

@@ -74,11 +74,25 @@ def test_serves_every_kernel_endpoint_and_stops_cleanly(daemon_factory, reactor)
 def test_bad_options_fail_before_the_reactor_starts(tmp_path: Path) -> None:
     """Every config and option error is listed and twistd exits non-zero without serving."""
     config = tmp_path / "bad.toml"
-    config.write_text('[daemon]\nstop_timeout = -1\ncolour = "red"\n[subsystems.consensus]\nvariant = "raft"\n')
+    config.write_text(
+        '[daemon]\nstop_timeout = -1\ncolour = "red"\n[subsystems.consensus]\nvariant = "raft"\n'
+    )
     result = subprocess.run(
-        [*TWISTD, "-n", "--pidfile=", "piccolod", "--config", str(config),
-         "--use", "mdns=nonsense", "--state-dir", str(tmp_path / "s")],
-        capture_output=True, text=True, timeout=60,
+        [
+            *TWISTD,
+            "-n",
+            "--pidfile=",
+            "piccolod",
+            "--config",
+            str(config),
+            "--use",
+            "mdns=nonsense",
+            "--state-dir",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0
     out = result.stdout + result.stderr
@@ -88,18 +102,22 @@ def test_bad_options_fail_before_the_reactor_starts(tmp_path: Path) -> None:
     assert not (tmp_path / "s").exists()
 
 
-def test_drop_in_plugin_adds_a_variant_without_editing_piccolod(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_drop_in_plugin_adds_a_variant_without_editing_piccolod(
+    daemon_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     """A plugin file dropped in another twisted/plugins directory is selected with --use."""
     drop = tmp_path / "drop" / "twisted" / "plugins"
     drop.mkdir(parents=True)
-    (drop / "thirdparty_echo.py").write_text(textwrap.dedent("""
+    (drop / "thirdparty_echo.py").write_text(
+        textwrap.dedent("""
         from piccolod.kernel.plugins import SubsystemPlugin
         echo = SubsystemPlugin(
             slot="echo", variant="loud", description="third-party echo",
             factory="tests.thirdparty.EchoService.from_context",
             config_keys={"greeting": "HELLO"},
         )
-    """))
+    """)
+    )
     root = Path(__file__).resolve().parents[2]
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "drop"), str(root)])}
     d = daemon_factory("--use", "echo=loud", env=env)
@@ -140,8 +158,15 @@ def test_unreachable_listen_endpoint_is_reported(tmp_path: Path) -> None:
         try:
             from tests.integration.support import poll
 
-            poll(lambda: True if "Address already in use" in d.log() or "CannotListen" in d.log() else None,
-                 timeout=15, what="bind failure in the log")
+            poll(
+                lambda: (
+                    True
+                    if "Address already in use" in d.log() or "CannotListen" in d.log()
+                    else None
+                ),
+                timeout=15,
+                what="bind failure in the log",
+            )
         finally:
             d.kill()
     finally:

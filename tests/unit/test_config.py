@@ -44,7 +44,13 @@ class ParseTests(SynchronousTestCase):
         errors = cm.exception.errors
         self.assertEqual(len(errors), 5, errors)
         joined = "\n".join(errors)
-        for needle in ("[deamon]", "'colour'", "stop_timeout must be a number", "node_id", "[subsystems]"):
+        for needle in (
+            "[deamon]",
+            "'colour'",
+            "stop_timeout must be a number",
+            "node_id",
+            "[subsystems]",
+        ):
             self.assertIn(needle, joined)
 
     def test_non_positive_stop_timeout_is_refused(self) -> None:

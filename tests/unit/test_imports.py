@@ -14,7 +14,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2] / "piccolod"
 VOCABULARY = {"piccolod.events", "piccolod.commands", "piccolod.errors", "piccolod.interfaces"}
 SUBSYSTEMS = {
-    "consensus", "persistence", "apps", "services", "mdns", "remote", "api", "devices", "cluster",
+    "consensus",
+    "persistence",
+    "apps",
+    "services",
+    "mdns",
+    "remote",
+    "api",
+    "devices",
+    "cluster",
 }
 COMPOSITION_ROOT = {"piccolod.tap"}
 

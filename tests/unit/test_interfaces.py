@@ -22,7 +22,7 @@ from zope.interface.interface import InterfaceClass, Method
 from zope.interface.verify import verifyClass, verifyObject
 
 import piccolod
-from piccolod import interfaces as I  # noqa: N812
+from piccolod import interfaces as I
 
 
 def _modules() -> list[Any]:
@@ -81,7 +81,8 @@ def test_class_implements_interface(cls: type, iface: InterfaceClass) -> None:
         ]
         expected = list(description.positional)
         assert actual[: len(expected)] == expected, (
-            f"{cls.__name__}.{name}{tuple(actual)} differs from {iface.__name__}.{name}{tuple(expected)}"
+            f"{cls.__name__}.{name}{tuple(actual)} differs from "
+            f"{iface.__name__}.{name}{tuple(expected)}"
         )
 
 

@@ -61,7 +61,7 @@ class MetricsTests(SynchronousTestCase):
         """Published and delivered counters per topic follow the bus."""
         seen: list[Any] = []
         self.bus.subscribe("audit", seen.append)
-        for i in range(3):
+        for _ in range(3):
             self.bus.publish(AuditRecord("d", "x", "admin", "ok"))
         self.clock.advance(0)
         m = self.scrape()

@@ -71,13 +71,13 @@ class SelectionTests(SynchronousTestCase):
     def test_default_variant_is_chosen(self) -> None:
         """A slot whose plugin is marked default is selected without config."""
         chosen = plugins.select(self.catalogue, {}, {})
-        self.assertEqual({k: p.variant for k, (p, _) in chosen.items()}, {"consensus": "single-node"})
+        self.assertEqual(
+            {k: p.variant for k, (p, _) in chosen.items()}, {"consensus": "single-node"}
+        )
 
     def test_config_section_chooses_variant_and_keys(self) -> None:
         """A section's variant and keys are applied over the declared defaults."""
-        chosen = plugins.select(
-            self.catalogue, {"consensus": {"variant": "etcd", "ttl": 5}}, {}
-        )
+        chosen = plugins.select(self.catalogue, {"consensus": {"variant": "etcd", "ttl": 5}}, {})
         p, section = chosen["consensus"]
         self.assertEqual(p.variant, "etcd")
         self.assertEqual(section, {"endpoints": ["x"], "ttl": 5})
@@ -121,8 +121,12 @@ class SelectionTests(SynchronousTestCase):
 class VerifyTests(SynchronousTestCase):
     def test_service_missing_its_interface_is_refused(self) -> None:
         """verify() refuses a built object lacking IService or a declared interface."""
-        p = plugin("x", "broken", factory="tests.thirdparty.NotAService.from_context",
-                   provides=(IConsensus,))
+        p = plugin(
+            "x",
+            "broken",
+            factory="tests.thirdparty.NotAService.from_context",
+            provides=(IConsensus,),
+        )
         service = p.build(_Ctx({}))
         with self.assertRaises(ConfigError) as cm:
             plugins.verify(p, service)

@@ -45,7 +45,11 @@ class SamplerTests(SynchronousTestCase):
         self.jobs = JobRunner(self.clock, self.bus)
         self.lag = ReactorLagMonitor(self.clock, interval=0.5)
         self.sampler = TelemetrySampler(
-            self.jobs, self.bus, self.health, self.lag, interval=10.0,
+            self.jobs,
+            self.bus,
+            self.health,
+            self.lag,
+            interval=10.0,
             sample=lambda: {"rss_bytes": 1000.0},
         )
         self.jobs.startService()
@@ -162,4 +166,3 @@ class EscalatorTests(SynchronousTestCase):
         self.assertEqual(HealthEscalator.owner("persistence"), "persistence")
         self.assertIsNone(HealthEscalator.owner("child:api"))
         self.assertIsNone(HealthEscalator.owner("kernel"))
-
