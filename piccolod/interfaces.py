@@ -1115,7 +1115,47 @@ class IPersistence(Interface):
         """Fires once storage is unlocked (at once if it is); cancellable."""
 
 
+
+# ==========================================================================
+# mDNS
+
+
+@attrs.frozen
+class AdvertisedName:
+    """A name the responder holds or is trying to (host or service)."""
+
+    kind: str  # "host" | "service"
+    key: str  # "host", "portal" or "<app>/<listener>"
+    requested: str
+    name: str
+    state: str  # "probing" | "announcing" | "claimed"
+    service_type: str = ""
+    port: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+class IMdnsResponder(Interface):
+    """
+    The mDNS subsystem as seen by the API: which names it holds.
+    """
+
+    running: int = Attribute("Whether the service runs (IService's flag).")
+
+    def host_name() -> str:
+        """The claimed host name (``piccolo.local``), ``""`` while none is."""
+
+    def advertised() -> Sequence[AdvertisedName]:
+        """The host name and every service name, host first."""
+
+    def stats() -> Mapping[str, Mapping[str, float]]:
+        """Counters per interface address (received, dropped_*, sent, ...)."""
+
+
 __all__ = [
+    "AdvertisedName",
+    "IMdnsResponder",
     "Backoff",
     "ChildSpec",
     "ChildStatus",

@@ -35,7 +35,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from piccolod.errors import ConfigError
 from piccolod.events import Envelope, HealthLevel, MdnsNameChanged, RoutePublished
-from piccolod.interfaces import IEventBus, IHealth, ISubscription
+from piccolod.interfaces import AdvertisedName, IEventBus, IHealth, IMdnsResponder, ISubscription
 from piccolod.kernel.aio import provides
 from piccolod.mdns.codec import MAX_PACKET
 from piccolod.mdns.protocol import MdnsProtocol, Responder
@@ -61,7 +61,7 @@ __all__ = [
 #: ``[subsystems.mdns]`` keys and defaults (the plugin's ``config_keys``).
 CONFIG_KEYS: dict[str, Any] = {
     "hostname": "piccolo",
-    "interfaces": ["127.0.0.1"],
+    "interfaces": ["*"],
     "ipv6_addresses": [],
     "portal_port": 0,
     "publish_portal": True,
@@ -86,40 +86,6 @@ MAX_RETRY_DELAY = 60.0
 
 # --------------------------------------------------------------------------
 # The subsystem's interface (local until it moves to piccolod.interfaces)
-
-
-@attrs.frozen
-class AdvertisedName:
-    """A name the responder holds or is trying to (host or service)."""
-
-    kind: str  # "host" | "service"
-    key: str  # "host", "portal" or "<app>/<listener>"
-    requested: str
-    name: str
-    state: str  # "probing" | "announcing" | "claimed"
-    service_type: str = ""
-    port: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
-
-class IMdnsResponder(Interface):
-    """
-    The mDNS subsystem as seen by the API: which names it holds.
-    (Local to piccolod.mdns until it moves to piccolod.interfaces.)
-    """
-
-    running: int = Attribute("Whether the service runs (IService's flag).")
-
-    def host_name() -> str:
-        """The claimed host name (``piccolo.local``), ``""`` while none is."""
-
-    def advertised() -> Sequence[AdvertisedName]:
-        """The host name and every service name, host first."""
-
-    def stats() -> Mapping[str, Mapping[str, float]]:
-        """Counters per interface address (received, dropped_*, sent, ...)."""
 
 
 # --------------------------------------------------------------------------
@@ -156,7 +122,7 @@ class MdnsConfig:
     """
 
     hostname: str = "piccolo"
-    interfaces: tuple[str, ...] = ("127.0.0.1",)
+    interfaces: tuple[str, ...] = ("*",)
     ipv6_addresses: tuple[str, ...] = ()
     portal_port: int = 0
     publish_portal: bool = True

@@ -48,6 +48,8 @@ class Setup:
         self.bus = FakeEventBus(self.reactor)
         self.health = HealthTracker(self.reactor, self.bus)
         extra = {k: config.pop(k) for k in ("interfaces_source",) if k in config}
+        if "interfaces_source" not in extra:
+            config.setdefault("interfaces", ["127.0.0.1"])  # tests pin loopback
         self.service = MulticastResponderService(
             reactor=self.reactor,
             config=MdnsConfig.from_section(config),
@@ -240,9 +242,9 @@ class StopTests(SynchronousTestCase):
 
 class ConfigTests(SynchronousTestCase):
     def test_defaults(self) -> None:
-        """An empty section gives piccolo on 127.0.0.1 with rate limiting on."""
+        """An empty section gives piccolo on every non-loopback interface, rate limited."""
         c = MdnsConfig.from_section({})
-        self.assertEqual((c.hostname, c.interfaces, c.port), ("piccolo", ("127.0.0.1",), 5353))
+        self.assertEqual((c.hostname, c.interfaces, c.port), ("piccolo", ("*",), 5353))
         self.assertEqual((c.rate_limit_per_s, c.rate_limit_burst), (20.0, 40.0))
 
     def test_every_error_is_reported_at_once(self) -> None:
