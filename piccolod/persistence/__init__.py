@@ -13,6 +13,7 @@ See ``docs/persistence.md`` for the design as built.  Modules:
 - :mod:`.repositories`: typed repositories over the store;
 - :mod:`.service`: :class:`PersistenceService`, the lock machine and the
   ``persistence.*`` commands;
+- :mod:`.exports`: export bundles (tar + manifest) and their import;
 - :mod:`.errors`: the subsystem's typed errors.
 """
 

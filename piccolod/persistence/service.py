@@ -42,6 +42,7 @@ are serialised by one ``DeferredLock``: they never interleave.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -63,11 +64,16 @@ from piccolod.commands import (
     CommandContext,
     DetachVolume,
     EnsureVolume,
+    ExportDone,
     GetStorageStatus,
+    ImportBundle,
+    ImportDone,
     LockStorage,
     RecordLockState,
     RecoveryKeyRotated,
     RotateRecoveryKey,
+    RunControlExport,
+    RunFullExport,
     SetupResult,
     SetupStorage,
     StorageStatus,
@@ -83,7 +89,15 @@ from piccolod.errors import (
     PiccolodError,
     RateLimited,
 )
-from piccolod.events import ControlStoreHealth, HealthLevel, LockState, LockStateChanged, Role
+from piccolod.events import (
+    ControlStoreHealth,
+    ExportResult,
+    HealthLevel,
+    JobProgress,
+    LockState,
+    LockStateChanged,
+    Role,
+)
 from piccolod.interfaces import (
     ControlStoreInfo,
     ICommandDispatcher,
@@ -99,6 +113,7 @@ from piccolod.interfaces import (
 )
 from piccolod.kernel.aio import call
 from piccolod.kernel.fsm import LOCK_MACHINE, Machine, Transition
+from piccolod.persistence import exports
 from piccolod.persistence import keyset as keysets
 from piccolod.persistence.errors import KeysetCorrupt, WrongPassword, WrongRecoveryKey
 from piccolod.persistence.keyset import DataKey, KdfParams, Keyset, KeysetFile
@@ -597,6 +612,9 @@ class PersistenceService(Service):
             (EnsureVolume, self._handle_ensure_volume),
             (AttachVolume, self._handle_attach_volume),
             (DetachVolume, self._handle_detach_volume),
+            (RunControlExport, self._handle_control_export),
+            (RunFullExport, self._handle_full_export),
+            (ImportBundle, self._handle_import),
         ]
         try:
             for command_type, handler in handlers:
@@ -653,6 +671,21 @@ class PersistenceService(Service):
         self, command: RotateRecoveryKey, context: CommandContext
     ) -> Deferred[RecoveryKeyRotated]:
         return self.rotate_recovery_key()
+
+    def _handle_control_export(
+        self, command: RunControlExport, context: CommandContext
+    ) -> Deferred[ExportDone]:
+        return self.run_export("control", _correlation(context))
+
+    def _handle_full_export(
+        self, command: RunFullExport, context: CommandContext
+    ) -> Deferred[ExportDone]:
+        return self.run_export("full", _correlation(context))
+
+    def _handle_import(
+        self, command: ImportBundle, context: CommandContext
+    ) -> Deferred[ImportDone]:
+        return self.import_bundle(command.path, _correlation(context))
 
     def _require_volumes(self) -> VolumeManagerLike:
         if self.volumes is None:
@@ -732,6 +765,27 @@ class PersistenceService(Service):
     def rotate_recovery_key(self) -> Deferred[RecoveryKeyRotated]:
         """A fresh recovery key (needs unlocked storage); the old one stops working."""
         return self._serial(self._rotate_recovery_key)
+
+    def run_export(self, kind: str, correlation: str | None = None) -> Deferred[ExportDone]:
+        """
+        Write a ``control`` or ``full`` bundle (see :mod:`.exports`) into
+        ``<state_dir>/exports/<kind>/``.  Storage is quiesced first: when
+        unlocked it is locked (store closed, volumes detached), the files
+        are collected, and it is unlocked again with the same data key.
+        Publishes ``JobProgress`` (class ``export``) and ``ExportResult``.
+        Fails with ``IllegalTransition`` before setup.
+        """
+        return self._serial(self._export, kind, correlation)
+
+    def import_bundle(self, path: str, correlation: str | None = None) -> Deferred[ImportDone]:
+        """
+        Restore a bundle into this (empty) state dir; the state goes from
+        ``uninitialized`` to ``locked`` and the bundle's password unlocks
+        it.  Fails with ``IllegalTransition`` once set up, ``Conflict``
+        when storage files exist, ``BundleInvalid`` for a damaged or
+        tampered bundle (nothing is put in place).
+        """
+        return self._serial(self._import, path, correlation)
 
     # -- operations (bodies, run under ``_ops``) ---------------------------------------
 
@@ -854,6 +908,120 @@ class PersistenceService(Service):
         self.log.info("persistence: the recovery key was rotated")
         return RecoveryKeyRotated(recovery_key=" ".join(words))
 
+    async def _export(self, kind: str, correlation: str | None) -> ExportDone:
+        if kind not in ("control", "full"):
+            raise InvalidCommand(f"unknown export kind {kind!r}")
+        if self.state is LockState.UNINITIALIZED:
+            raise IllegalTransition(MACHINE_NAME, self.state.value, f"{kind}_export")
+        job_id = f"export-{secrets.token_hex(4)}"
+        progress = self._progress_reporter(job_id, correlation)
+        progress(0.0, f"{kind} export: quiescing storage")
+        keyset = await self._load_keyset()
+        key_copy: DataKey | None = None
+        if self.state is LockState.UNLOCKED and self._data_key is not None:
+            key_copy = self._data_key.copy()
+            await self._teardown(f"{kind} export")
+            self._fire("lock", f"lock: {kind} export", correlation)
+        state_dir, volumes = self.directory.parent, self.volumes is not None
+        now = self.reactor.seconds()
+        threaded = self._threadsafe(progress)
+        try:
+            info = await self._blocking(
+                lambda: exports.write_bundle(
+                    state_dir,
+                    exports.collect(state_dir, kind, volumes),
+                    kind=kind,
+                    created_at=now,
+                    keyset_id=keyset.keyset_id,
+                    progress=threaded,
+                )
+            )
+        except BaseException as e:
+            self.bus.publish(
+                ExportResult(kind=kind, ok=False, detail=_describe(e)),
+                source="persistence",
+                correlation_id=correlation,
+            )
+            self._publish_progress(job_id, "failed", 1.0, _describe(e), correlation)
+            raise
+        finally:
+            if key_copy is not None:
+                try:
+                    await self._preunlock(
+                        key_copy, keyset, f"unlock: after {kind} export", correlation
+                    )
+                except Exception:
+                    self.log.failure("persistence: unlocking again after the export failed")
+        self.bus.publish(
+            ExportResult(kind=kind, ok=True, path=info.path, sha256=info.sha256),
+            source="persistence",
+            correlation_id=correlation,
+        )
+        self._publish_progress(job_id, "succeeded", 1.0, f"wrote {info.path}", correlation)
+        self.log.info(
+            "persistence: {kind} export written to {path} ({size} bytes)",
+            kind=kind,
+            path=info.path,
+            size=info.size,
+        )
+        return ExportDone(
+            kind=kind,
+            path=info.path,
+            sha256=info.sha256,
+            size=info.size,
+            files=info.files,
+            created_at=info.created_at,
+        )
+
+    async def _import(self, path: str, correlation: str | None) -> ImportDone:
+        if not isinstance(path, str) or not Path(path).is_absolute():
+            raise InvalidCommand("the bundle path must be absolute")
+        self._require("setup")
+        state_dir = self.directory.parent
+        info = await self._blocking(lambda: exports.restore_bundle(Path(path), state_dir))
+        await self._load_keyset()
+        self._error = None
+        self._fire("setup", f"import: {info.kind} bundle", correlation)
+        if self.volumes is not None:
+            try:
+                await self.volumes.sweep()
+            except Exception:
+                self.log.failure("persistence: volume sweep after import failed")
+        return ImportDone(kind=info.kind, path=info.path, files=info.files)
+
+    def _progress_reporter(
+        self, job_id: str, correlation: str | None
+    ) -> Callable[[float, str], None]:
+        def report(progress: float, message: str) -> None:
+            self._publish_progress(job_id, "running", progress, message, correlation)
+
+        return report
+
+    def _publish_progress(
+        self, job_id: str, state: str, progress: float, message: str, correlation: str | None
+    ) -> None:
+        self.bus.publish(
+            JobProgress(
+                job_id=job_id,
+                job_class="export",
+                state=state,
+                progress=progress,
+                message=message,
+            ),
+            source="persistence",
+            correlation_id=correlation,
+        )
+
+    def _threadsafe(self, fn: Callable[[float, str], None]) -> Callable[[float, str], None]:
+        """``fn`` callable from the blocking pool (hops to the reactor thread)."""
+        if self.kdf_pool is None:
+            return fn
+
+        def hop(progress: float, message: str) -> None:
+            self.reactor.callFromThread(fn, progress, message)
+
+        return hop
+
     # -- unlock internals ------------------------------------------------------------
 
     async def _load_keyset(self) -> KeysetFile:
@@ -937,6 +1105,13 @@ class PersistenceService(Service):
                 marker=self.directory / "control-store.json",
                 check=self.config.check_on_unlock,
             )
+            if self.volumes is not None:
+                # Bring back what the lock detached (app volumes wanted
+                # attached); one volume's problem is recorded, not raised.
+                try:
+                    await self.volumes.sweep()
+                except Exception:
+                    self.log.failure("persistence: volume sweep at unlock failed")
             await self._step("ready")
         except BaseException as e:
             self.log.warn(

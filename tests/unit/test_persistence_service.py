@@ -426,6 +426,14 @@ class LockTests(Harness):
         self.assertTrue(info.open)
         self.assertIn("volumes/mounts/control", info.path)
 
+    def test_unlock_sweeps_wanted_volumes_back(self) -> None:
+        """A volume attached before a lock is detached by it and attached again at unlock."""
+        self.successResultOf(self.dispatch(AttachVolume("app-web")))
+        self.successResultOf(self.service.lock())
+        self.assertEqual(list(self.adapter.mounted()), [])
+        self.unlock()
+        self.assertEqual(list(self.adapter.mounted()), ["app-web", "bootstrap", "control"])
+
     def test_lock_closes_detaches_and_wipes(self) -> None:
         """Locking closes the store, detaches volumes and zeroes the data key in place."""
         key = self.service.data_key
