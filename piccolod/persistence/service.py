@@ -504,17 +504,24 @@ class PersistenceService(Service):
         return Deferred.fromCoroutine(self._create_secret(volume_id))
 
     async def _create_secret(self, volume_id: str) -> bytes:
+        found = await self._load_secrets([volume_id])
+        return bytes(found[volume_id])
+
+    async def _load_secrets(self, volume_ids: Sequence[str]) -> dict[str, bytearray]:
+        """
+        Load the passphrases, creating missing ones.  Serialised by
+        ``_keys_lock``: ``volume-keys.json`` is read, extended and
+        replaced as a whole, so two writers at once would lose one's keys.
+        """
         await self._keys_lock.acquire()
         try:
-            known = self._secrets.get(volume_id)
-            if known is not None:
-                return bytes(known)
-            found = await self._load_secrets([volume_id])
-            return bytes(found[volume_id])
+            if all(v in self._secrets for v in volume_ids):
+                return self._secrets
+            return await self._load_secrets_locked(volume_ids)
         finally:
             self._keys_lock.release()
 
-    async def _load_secrets(self, volume_ids: Sequence[str]) -> dict[str, bytearray]:
+    async def _load_secrets_locked(self, volume_ids: Sequence[str]) -> dict[str, bytearray]:
         data_key, keyset_id = self._data_key, self._keyset_id
         if data_key is None:
             raise Locked("storage was locked meanwhile")
