@@ -466,3 +466,471 @@ class DeviceList(Result):
 
     disks: tuple[dict[str, Any], ...] = ()
     scanned_at: float | None = None
+
+
+# --------------------------------------------------------------------------
+# App commands
+#
+# Handled by the apps subsystem.  Writes need unlocked storage and, on a
+# cluster, the control-plane leadership (the leader gate answers
+# ``NotLeader`` with the leader's address).  App names follow the app spec
+# (``^[a-z][a-z0-9-]*[a-z0-9]$``, at most 50); the YAML body is validated
+# by the handler, which reports every error at once (``InvalidCommand``).
+
+MAX_APP_SPEC_BYTES = 64 * 1024
+CONTROL_PLANE_RESOURCE = "control-plane"
+
+
+def _app_name(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if (
+        not isinstance(value, str)
+        or not 2 <= len(value) <= 50
+        or not value[0].isascii()
+        or not value[0].islower()
+        or not value[-1].isascii()
+        or not (value[-1].islower() or value[-1].isdigit())
+        or any(not (c.isascii() and (c.islower() or c.isdigit() or c == "-")) for c in value)
+    ):
+        raise InvalidCommand(
+            f"{attribute.name} must match ^[a-z][a-z0-9-]*[a-z0-9]$ (at most 50 characters)"
+        )
+
+
+def _spec_text(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidCommand(f"{attribute.name} must be a non-empty YAML document")
+
+
+class _AppWrite(Command):
+    requires_unlocked: ClassVar[bool] = True
+    timeout: ClassVar[float | None] = 120.0
+
+    def leader_resource(self) -> str | None:
+        return CONTROL_PLANE_RESOURCE
+
+
+@attrs.frozen
+class InstallApp(_AppWrite):
+    """Install or replace an app from its YAML spec (an upsert)."""
+
+    name: ClassVar[str] = "apps.install"
+    spec: str = attrs.field(validator=_spec_text)
+
+    def resource(self) -> str:
+        return "apps"
+
+
+@attrs.frozen
+class ValidateApp(Command):
+    """Validate a YAML spec without installing it."""
+
+    name: ClassVar[str] = "apps.validate"
+    audit: ClassVar[bool] = False
+    spec: str = attrs.field(validator=_spec_text)
+
+    def resource(self) -> str:
+        return "apps"
+
+
+@attrs.frozen
+class ListApps(Command):
+    """Every installed app with its status."""
+
+    name: ClassVar[str] = "apps.list"
+    audit: ClassVar[bool] = False
+    requires_unlocked: ClassVar[bool] = True
+
+    def resource(self) -> str:
+        return "apps"
+
+
+@attrs.frozen
+class GetApp(Command):
+    """One app with its spec and status."""
+
+    name: ClassVar[str] = "apps.get"
+    audit: ClassVar[bool] = False
+    requires_unlocked: ClassVar[bool] = True
+    app: str = attrs.field(validator=_app_name)
+
+    def resource(self) -> str:
+        return f"app:{self.app}"
+
+
+@attrs.frozen
+class StartApp(_AppWrite):
+    """Enable an app (the controller starts it)."""
+
+    name: ClassVar[str] = "apps.start"
+    app: str = attrs.field(validator=_app_name)
+
+    def resource(self) -> str:
+        return f"app:{self.app}"
+
+
+@attrs.frozen
+class StopApp(_AppWrite):
+    """Disable an app (the controller stops it and withdraws its routes)."""
+
+    name: ClassVar[str] = "apps.stop"
+    app: str = attrs.field(validator=_app_name)
+
+    def resource(self) -> str:
+        return f"app:{self.app}"
+
+
+@attrs.frozen
+class UpdateApp(_AppWrite):
+    """
+    Change an app's image (``image``) or its whole spec (``spec``; exactly
+    one of the two).  The previous spec is kept for ``apps.revert``.
+    """
+
+    name: ClassVar[str] = "apps.update"
+    app: str = attrs.field(validator=_app_name)
+    image: str | None = None
+    spec: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        check(
+            (self.image is None) != (self.spec is None),
+            "give exactly one of image or spec",
+        )
+        check(
+            self.image is None or (isinstance(self.image, str) and bool(self.image.strip())),
+            "image must be a non-empty string",
+        )
+        check(
+            self.spec is None or (isinstance(self.spec, str) and bool(self.spec.strip())),
+            "spec must be a non-empty YAML document",
+        )
+
+    def resource(self) -> str:
+        return f"app:{self.app}"
+
+
+@attrs.frozen
+class RevertApp(_AppWrite):
+    """Go back to the spec before the last ``apps.update``."""
+
+    name: ClassVar[str] = "apps.revert"
+    app: str = attrs.field(validator=_app_name)
+
+    def resource(self) -> str:
+        return f"app:{self.app}"
+
+
+@attrs.frozen
+class RemoveApp(_AppWrite):
+    """
+    Uninstall an app (its containers and routes go); with ``purge`` its
+    persistent volumes and port allocations go too.
+    """
+
+    name: ClassVar[str] = "apps.remove"
+    app: str = attrs.field(validator=_app_name)
+    purge: bool = attrs.field(default=False, validator=_boolean)
+
+    def resource(self) -> str:
+        return f"app:{self.app}"
+
+
+@attrs.frozen
+class AppLogs(Command):
+    """The last ``tail`` lines of an app's container output."""
+
+    name: ClassVar[str] = "apps.logs"
+    audit: ClassVar[bool] = False
+    requires_unlocked: ClassVar[bool] = True
+    app: str = attrs.field(validator=_app_name)
+    tail: int = 100
+
+    def __attrs_post_init__(self) -> None:
+        check(
+            isinstance(self.tail, int)
+            and not isinstance(self.tail, bool)
+            and 1 <= self.tail <= 10000,
+            "tail must be an integer in [1, 10000]",
+        )
+
+    def resource(self) -> str:
+        return f"app:{self.app}"
+
+
+@attrs.frozen
+class AppDetail(Result):
+    """One app: ``{"name", "spec", "enabled", "generation", "status"}``."""
+
+    app: dict[str, Any]
+
+
+@attrs.frozen
+class AppList(Result):
+    apps: tuple[dict[str, Any], ...] = ()
+
+
+@attrs.frozen
+class AppValidated(Result):
+    """The spec is valid; ``spec`` is its normalised form."""
+
+    app: str
+    spec: dict[str, Any]
+
+
+@attrs.frozen
+class AppRemoved(Result):
+    app: str
+    purged: bool
+
+
+@attrs.frozen
+class AppLogLines(Result):
+    app: str
+    logs: str
+
+
+# --------------------------------------------------------------------------
+# Service commands
+#
+# Handled by the services subsystem; the apps controller drives them.
+
+
+@attrs.frozen
+class ExposedListener:
+    """One listener to expose (what the proxy needs to know of it)."""
+
+    listener: str = attrs.field(validator=non_empty)
+    protocol: str = attrs.field(default="raw", validator=one_of("raw", "http", "websocket"))
+    flow: str = attrs.field(default="tcp", validator=one_of("tcp", "tls"))
+    remote_ports: tuple[int, ...] = (80, 443)
+
+
+@attrs.frozen
+class ListServices(Command):
+    """The route table and port allocations."""
+
+    name: ClassVar[str] = "services.list"
+    audit: ClassVar[bool] = False
+
+    def resource(self) -> str:
+        return "services"
+
+
+@attrs.frozen
+class AllocatePorts(Command):
+    """
+    Give each listener of ``app`` a backend port (the container's loopback
+    host port) and a public port (the proxy's), persisted: the same
+    listener keeps its ports across restarts.  Ports of listeners not named
+    are released.
+    """
+
+    name: ClassVar[str] = "services.allocate"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+    app: str = attrs.field(validator=_app_name)
+    listeners: tuple[str, ...] = ()
+
+    def resource(self) -> str:
+        return f"app:{self.app}"
+
+
+@attrs.frozen
+class ExposeApp(Command):
+    """
+    Serve ``app``'s listeners on their public ports: proxied to this
+    node's container (``mode="local"``) or to the leader's public ports at
+    ``leader_address``'s host (``mode="leader"``); publishes
+    ``RoutePublished`` for each.  Listeners of the app not named are
+    withdrawn.
+    """
+
+    name: ClassVar[str] = "services.expose"
+    audit: ClassVar[bool] = False
+    app: str = attrs.field(validator=_app_name)
+    listeners: tuple[ExposedListener, ...] = ()
+    mode: str = attrs.field(default="local", validator=one_of("local", "leader"))
+    leader_address: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        check(
+            self.mode == "local" or bool(self.leader_address),
+            "mode leader needs a leader_address",
+        )
+
+    def resource(self) -> str:
+        return f"app:{self.app}"
+
+
+@attrs.frozen
+class WithdrawApp(Command):
+    """Close every proxy of ``app`` and withdraw its routes (idempotent)."""
+
+    name: ClassVar[str] = "services.withdraw"
+    audit: ClassVar[bool] = False
+    app: str = attrs.field(validator=_app_name)
+
+    def resource(self) -> str:
+        return f"app:{self.app}"
+
+
+@attrs.frozen
+class ReleasePorts(Command):
+    """Withdraw ``app`` and forget its port allocations (idempotent)."""
+
+    name: ClassVar[str] = "services.release"
+    requires_unlocked: ClassVar[bool] = True
+    app: str = attrs.field(validator=_app_name)
+
+    def resource(self) -> str:
+        return f"app:{self.app}"
+
+
+@attrs.frozen
+class PortAllocation(Result):
+    """``ports``: listener → ``{"backend": int, "public": int}``."""
+
+    app: str
+    ports: dict[str, dict[str, int]]
+
+
+@attrs.frozen
+class ServiceList(Result):
+    """``routes``: ``RouteEntry.to_json()`` dicts; ``allocations``: app → ports."""
+
+    routes: tuple[dict[str, Any], ...] = ()
+    allocations: dict[str, dict[str, dict[str, int]]] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ServicesChanged(Result):
+    app: str
+    routes: tuple[dict[str, Any], ...] = ()
+
+
+# --------------------------------------------------------------------------
+# Control store commands used by the apps and services subsystems
+#
+# Handled by the persistence subsystem (its apps and settings
+# repositories); every one needs unlocked storage, writes fail with
+# ``NotLeader`` on a follower.  ``DeleteVolume`` removes a volume and its
+# data for ``apps.remove --purge``.
+
+
+@attrs.frozen
+class StoreGetApp(Command):
+    name: ClassVar[str] = "store.apps.get"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+    app: str = attrs.field(validator=non_empty)
+
+
+@attrs.frozen
+class StoreListApps(Command):
+    name: ClassVar[str] = "store.apps.list"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+
+
+@attrs.frozen
+class StorePutApp(Command):
+    """Create or replace; the generation is bumped when spec or enabled change."""
+
+    name: ClassVar[str] = "store.apps.put"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+    app: str = attrs.field(validator=non_empty)
+    spec: dict[str, Any] = attrs.field(factory=dict)
+    enabled: bool = attrs.field(default=True, validator=_boolean)
+
+
+@attrs.frozen
+class StoreDeleteApp(Command):
+    name: ClassVar[str] = "store.apps.delete"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+    app: str = attrs.field(validator=non_empty)
+
+
+@attrs.frozen
+class StoreGetSetting(Command):
+    name: ClassVar[str] = "store.settings.get"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+    key: str = attrs.field(validator=non_empty)
+
+
+@attrs.frozen
+class StoreSetSetting(Command):
+    name: ClassVar[str] = "store.settings.set"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+    key: str = attrs.field(validator=non_empty)
+    value: Any = None
+
+
+@attrs.frozen
+class StoreDeleteSetting(Command):
+    """Remove a setting; idempotent (a missing key is fine)."""
+
+    name: ClassVar[str] = "store.settings.delete"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+    key: str = attrs.field(validator=non_empty)
+
+
+@attrs.frozen
+class StoreListSettings(Command):
+    """Every setting whose key starts with ``prefix``."""
+
+    name: ClassVar[str] = "store.settings.list"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+    prefix: str = ""
+
+
+@attrs.frozen
+class DeleteVolume(Command):
+    """Detach a volume and delete it with its data (idempotent)."""
+
+    name: ClassVar[str] = "persistence.delete_volume"
+    requires_unlocked: ClassVar[bool] = True
+    timeout: ClassVar[float | None] = 120.0
+    volume_id: str = attrs.field(validator=_volume_id)
+
+    def resource(self) -> str:
+        return f"volume:{self.volume_id}"
+
+
+@attrs.frozen
+class StoredApp(Result):
+    """An ``AppRecord`` as a result (``AppRecord.to_json()`` fields)."""
+
+    name: str
+    spec: dict[str, Any]
+    enabled: bool = True
+    generation: int = 0
+    updated_at: float = 0.0
+
+
+@attrs.frozen
+class StoredApps(Result):
+    apps: tuple[StoredApp, ...] = ()
+
+
+@attrs.frozen
+class StoredSetting(Result):
+    key: str
+    value: Any = None
+
+
+@attrs.frozen
+class StoredSettings(Result):
+    items: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class StoreDone(Result):
+    """A store write or delete finished."""
+
+    ok: bool = True

@@ -1153,9 +1153,204 @@ class IMdnsResponder(Interface):
         """Counters per interface address (received, dropped_*, sent, ...)."""
 
 
+# ==========================================================================
+# Containers, apps and services (the apps and services subsystems)
+
+
+class ContainerState(enum.Enum):
+    """A container's state, normalised across runtimes."""
+
+    CREATED = "created"  #: exists, never started or being set up
+    RUNNING = "running"
+    PAUSED = "paused"
+    EXITED = "exited"  #: stopped, killed or crashed
+    UNKNOWN = "unknown"
+
+
+@attrs.frozen
+class PortMapping:
+    """A container port published on the host (loopback by default)."""
+
+    container_port: int
+    host_port: int
+    host_ip: str = "127.0.0.1"
+    protocol: str = "tcp"
+
+
+@attrs.frozen
+class ContainerMount:
+    """
+    A bind mount of host path ``source`` (``kind="bind"``) or a tmpfs of
+    ``size`` bytes (``kind="tmpfs"``) at ``target`` in the container.
+    """
+
+    target: str
+    source: str = ""
+    kind: str = "bind"
+    read_only: bool = False
+    size: int = 0
+
+
+@attrs.frozen
+class ContainerSpec:
+    """
+    What to create.  ``network`` is ``bridge`` (default), ``internal`` (no
+    route out, ports still published) or ``none``; ``restart`` is podman's
+    restart policy (``no`` or ``always``); ``init`` runs a tiny init as PID 1
+    so that SIGTERM stops the container promptly.
+    """
+
+    name: str
+    image: str
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+    command: tuple[str, ...] = ()
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    ports: tuple[PortMapping, ...] = ()
+    mounts: tuple[ContainerMount, ...] = ()
+    memory: int | None = None
+    cpus: float | None = None
+    network: str = "bridge"
+    restart: str = "no"
+    init: bool = True
+
+
+@attrs.frozen
+class ContainerInfo:
+    """What a runtime observes of one container."""
+
+    id: str
+    name: str
+    image: str
+    state: ContainerState
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+    ports: tuple[PortMapping, ...] = ()
+    exit_code: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "image": self.image,
+            "state": self.state.value,
+            "labels": dict(self.labels),
+            "ports": [attrs.asdict(p) for p in self.ports],
+            "exit_code": self.exit_code,
+        }
+
+
+@attrs.frozen
+class ContainerEvent:
+    """
+    Something happened to a container (``create``, ``start``, ``die``,
+    ``stop``, ``remove``, ...); the app controller only uses it as a hint
+    to reconcile the app named by its labels.
+    """
+
+    action: str
+    container_id: str
+    name: str = ""
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+
+
+class IContainerRuntime(Interface):
+    """
+    A container engine (``fake`` in memory, ``podman`` over its REST
+    socket).  Images are never pulled: only images built or loaded locally
+    are used.  Containers are identified by id or name.  Every call fails
+    with ``Unavailable`` when the engine cannot be reached.
+    """
+
+    kind: str = Attribute("The runtime's name (``fake``, ``podman``).")
+
+    def ping() -> Deferred[None]:
+        """Fires once the engine answers; fails with ``Unavailable``."""
+
+    def image_exists(image: str) -> Deferred[bool]:
+        """Whether ``image`` is present locally."""
+
+    def build_image(
+        tag: str, containerfile: str, build_args: Mapping[str, str], target: str
+    ) -> Deferred[None]:
+        """
+        Build ``tag`` from an inline Containerfile without pulling (its
+        ``FROM`` images must be local).  Fails with ``InvalidCommand`` when
+        the build fails (the message carries the build output's tail).
+        """
+
+    def list_containers(labels: Mapping[str, str]) -> Deferred[Sequence[ContainerInfo]]:
+        """The containers carrying every one of ``labels``, sorted by name."""
+
+    def inspect(container: str) -> Deferred[ContainerInfo]:
+        """One container by id or name; fails with ``NotFound``."""
+
+    def create(spec: ContainerSpec) -> Deferred[ContainerInfo]:
+        """
+        Create (not start) a container.  Fails with ``NotFound`` when the
+        image is not present locally and ``Conflict`` when the name is taken.
+        """
+
+    def start(container: str) -> Deferred[None]:
+        """Start it; idempotent for a running one.  Fails with ``NotFound``."""
+
+    def stop(container: str, timeout: float = 10.0) -> Deferred[None]:
+        """
+        Stop it (SIGTERM, then SIGKILL after ``timeout`` seconds);
+        idempotent.  Fails with ``NotFound``.
+        """
+
+    def remove(container: str) -> Deferred[None]:
+        """Remove it, stopping it first if needed; idempotent (a missing one is fine)."""
+
+    def logs(container: str, tail: int = 100) -> Deferred[str]:
+        """The last ``tail`` lines of its output; fails with ``NotFound``."""
+
+    def watch(observer: Callable[[ContainerEvent], None]) -> Callable[[], None]:
+        """
+        Call ``observer`` for every container event from now on; returns a
+        function that stops the watching (idempotent).
+        """
+
+
+@attrs.frozen
+class RouteEntry:
+    """
+    One published app listener as the service manager serves it.
+
+    @ivar public_port: where clients connect (the proxy's port).
+    @ivar backend_port: the container's loopback host port.
+    @ivar mode: ``local`` (proxied to this node's container) or ``leader``
+        (proxied to the leader's public port at ``target_host``).
+    """
+
+    app: str
+    listener: str
+    public_port: int
+    backend_port: int
+    protocol: str
+    flow: str
+    mode: str = "local"
+    target_host: str = "127.0.0.1"
+    leader_address: str | None = None
+    connections: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+class IServiceManager(Interface):
+    """
+    The services subsystem: persisted port allocations, one proxy per
+    exposed listener (TCP splice or HTTP reverse proxy), and the route
+    table published on the bus (``RoutePublished``).  Driven by the
+    ``services.*`` commands.
+    """
+
+    def routes() -> Sequence[RouteEntry]:
+        """The routes being served, sorted by app and listener."""
+
+
 __all__ = [
     "AdvertisedName",
-    "IMdnsResponder",
     "Backoff",
     "ChildSpec",
     "ChildStatus",
@@ -1163,12 +1358,18 @@ __all__ = [
     "ComponentHealth",
     "ConfigError",
     "Conflict",
+    "ContainerEvent",
+    "ContainerInfo",
+    "ContainerMount",
+    "ContainerSpec",
+    "ContainerState",
     "DuplicateRegistration",
     "EventFilter",
     "Handler",
     "ICommandDispatcher",
     "ICommandHandler",
     "IConsensus",
+    "IContainerRuntime",
     "IController",
     "IDeviceManager",
     "IEventBus",
@@ -1177,7 +1378,9 @@ __all__ = [
     "IJobHandle",
     "IJobRunner",
     "ILeadershipRegistry",
+    "IMdnsResponder",
     "IReconciler",
+    "IServiceManager",
     "ISubscription",
     "ISubsystemPlugin",
     "ISupervisedService",
@@ -1197,9 +1400,11 @@ __all__ = [
     "Overflow",
     "PiccolodError",
     "PolicyDenied",
+    "PortMapping",
     "QuotaExceeded",
     "RateLimited",
     "RestartPolicy",
+    "RouteEntry",
     "StaleTerm",
     "SubscriptionStats",
     "SubsystemFailed",
