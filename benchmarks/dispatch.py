@@ -5,7 +5,9 @@ after another, on the real reactor.
 Scenarios:
 
 - ``full``: every slot active.  Audit with a ``MemoryEventBus`` attached
-  (an ``AuditRecord`` published per command), a no-op policy middleware,
+  (nothing subscribes to ``audit``, so no ``AuditRecord`` is built; the
+  audit middleware still counts and times every command), a no-op policy
+  middleware,
   idempotency with a fresh command id per command, the lock gate on a
   command requiring unlocked storage (``UNLOCKED`` retained on the bus), the
   leader gate on a resource this node leads, timeout and retry, down to a
@@ -13,6 +15,10 @@ Scenarios:
   (``log_successes=False``; each log event costs ~3-6 us here).  The
   idempotency table runs at its default cap (10,000 ids), so the steady
   state evicts one id per command, as a long-running daemon would.
+- ``full-metrics``: ``full`` plus the ``/metrics`` latency histogram
+  (``CommandMetrics`` in the ``metrics`` slot), as the daemon runs it.
+- ``full-audit-listener``: ``full-metrics`` with a subscriber on ``audit``:
+  an ``AuditRecord`` is built, published and delivered per command.
 - ``full-logged``: ``full`` with every success logged at debug level.
 - ``full-unaudited``: ``full`` with a command class that says ``audit =
   False`` (no ``AuditRecord``; still counted and timed).
@@ -48,6 +54,7 @@ from piccolod.events import LockState, LockStateChanged, Role
 from piccolod.kernel.bus import MemoryEventBus
 from piccolod.kernel.dispatcher import SLOTS, CommandDispatcher, Next
 from piccolod.kernel.leadership import LeadershipRegistry
+from piccolod.kernel.metrics import CommandMetrics
 
 RESOURCE = "control-plane"
 
@@ -118,6 +125,11 @@ def build(reactor: Any, scenario: str) -> tuple[CommandDispatcher, type[Command]
         log_successes=scenario == "full-logged",
     )
     dispatcher.add_middleware("policy", no_op_policy)
+    if scenario in ("full-metrics", "full-audit-listener"):
+        dispatcher.add_middleware("metrics", CommandMetrics(reactor))
+    if scenario == "full-audit-listener":
+        received: list[Any] = []
+        bus.subscribe("audit", lambda envelope: received.append(None) or received.clear())
     command_type: type[Command] = QuietTouch if scenario == "full-unaudited" else Touch
     dispatcher.register(command_type, handler)
     return dispatcher, command_type, True
@@ -157,7 +169,15 @@ async def run(reactor: Any, scenario: str, commands: int) -> dict[str, Any]:
     }
 
 
-SCENARIOS = ("full", "full-logged", "full-unaudited", "bare", "empty")
+SCENARIOS = (
+    "full",
+    "full-metrics",
+    "full-audit-listener",
+    "full-logged",
+    "full-unaudited",
+    "bare",
+    "empty",
+)
 
 
 def main(reactor: Any, argv: list[str]) -> Deferred[None]:

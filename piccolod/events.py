@@ -18,7 +18,7 @@ but the state enums.
 from __future__ import annotations
 
 import enum
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import attrs
 
@@ -62,10 +62,10 @@ def _json_value(_inst: Any, _field: Any, value: Any) -> Any:
 E = TypeVar("E", bound=Event)
 
 
-@attrs.frozen
-class EventContext:
+class EventContext(NamedTuple):
     """
-    Where an event came from.
+    Where an event came from.  An immutable named tuple rather than an attrs
+    class: one is built per publication, and a tuple costs half as much.
 
     @ivar event_id: unique id of this publication.
     @ivar time: seconds since the epoch, from the bus's injected clock.
@@ -79,9 +79,11 @@ class EventContext:
     correlation_id: str | None = None
 
 
-@attrs.frozen
-class Envelope(Generic[E]):
-    """What a subscriber receives: the event, its topic and its context."""
+class Envelope(NamedTuple, Generic[E]):
+    """
+    What a subscriber receives: the event, its topic and its context (an
+    immutable named tuple, built once per publication).
+    """
 
     topic: str
     event: E

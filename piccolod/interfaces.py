@@ -159,6 +159,14 @@ class IEventBus(Interface):
         pattern or queue size.
         """
 
+    def has_subscribers(topic: str) -> bool:
+        """
+        Whether an event published on ``topic`` now would reach a
+        subscriber.  Publishers of costly, non-retained events (audit
+        records) may skip building them when nobody listens.  Raises
+        ``InvalidCommand`` for a malformed topic.
+        """
+
     def retained(pattern: str) -> Sequence[Envelope[Any]]:
         """The retained envelopes whose topic matches ``pattern``."""
 

@@ -226,7 +226,9 @@ def build(reactor: Any, settings: Settings, log_observer: Any = None) -> IServic
     bus = MemoryEventBus(reactor)
     health = HealthTracker(reactor, bus)
     registry = LeadershipRegistry(bus, node_id)
-    dispatcher = CommandDispatcher(reactor, bus, registry=registry)
+    # Successful commands are counted, timed (/metrics) and audited, not
+    # logged one by one: a log event per command costs more than the command.
+    dispatcher = CommandDispatcher(reactor, bus, registry=registry, log_successes=False)
     supervisor = Supervisor(
         reactor,
         bus,

@@ -677,6 +677,12 @@ class MemoryEventBus:
                     sub._wake()
         return envelope
 
+    def has_subscribers(self, topic: str) -> bool:
+        route = self._routes.get(topic)
+        if route is None or route.fanout is None:
+            route = self._resolve(topic)
+        return bool(route.fanout)
+
     def subscribe(  # noqa: PLR0917 (the interface's signature)
         self,
         pattern: str,
@@ -743,7 +749,10 @@ class MemoryEventBus:
         return [env for (topic, _key), env in self._retained.items() if matcher.matches(topic)]
 
     def last(self, topic: str, key: str = "") -> Envelope[Any] | None:
-        return self._retained.get((check_topic(topic), key))
+        found = self._retained.get((topic, key))
+        if found is None:  # only a valid topic can be retained: check misses only
+            check_topic(topic)
+        return found
 
     def stats(self) -> Mapping[str, Any]:
         topics = [

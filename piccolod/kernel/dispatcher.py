@@ -158,7 +158,9 @@ class AuditMiddleware(ChainedMiddleware):
     """
     Logs every command's outcome, counts outcomes and latency per command
     name (:meth:`stats`), and publishes an ``AuditRecord`` for commands whose
-    class says ``audit = True`` when a bus is given.
+    class says ``audit = True`` when a bus is given and something subscribes
+    to the ``audit`` topic (records are not retained, so one that nobody
+    receives is not built; the counters above are kept either way).
 
     Log events carry the fields ``command``, ``command_id``,
     ``correlation_id``, ``subject``, ``outcome`` and ``duration``.  Successes
@@ -193,6 +195,7 @@ class AuditMiddleware(ChainedMiddleware):
         logged = self._logged
         publish = self._publish
         finished = self._finished
+        bus = self.bus
 
         def audit(command: Command, context: CommandContext) -> Deferred[Any]:
             start = seconds()
@@ -207,7 +210,7 @@ class AuditMiddleware(ChainedMiddleware):
                 counts.latency_max = max(counts.latency_max, duration)
                 if self.log_successes:
                     logged(command, context, "ok", duration, None)
-                if self.bus is not None and command.audit:
+                if bus is not None and command.audit and bus.has_subscribers("audit"):
                     publish(command, context, "ok", "")
                 return d
             return d.addBoth(finished, command, context, start)
@@ -267,7 +270,7 @@ class AuditMiddleware(ChainedMiddleware):
             counts.ok += 1
             if self.log_successes:
                 self._logged(command, context, outcome, duration, None)
-        if self.bus is not None and command.audit:
+        if self.bus is not None and command.audit and self.bus.has_subscribers("audit"):
             self._publish(command, context, outcome, detail)
         return result
 

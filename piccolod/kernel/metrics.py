@@ -88,11 +88,16 @@ class CommandMetrics(ChainedMiddleware):
     def bind(self, next: Next) -> Next:
         seconds = self.clock.seconds
         histograms = self.histograms
+        #: The ``ok`` histogram per command name: the hot path's one lookup.
+        ok: dict[str, Histogram] = {}
+        bisect_left = bisect.bisect_left
 
         def observe(name: str, outcome: str, duration: float) -> None:
             h = histograms.get((name, outcome))
             if h is None:
                 h = histograms[(name, outcome)] = Histogram()
+                if outcome == "ok":
+                    ok[name] = h
             h.observe(duration)
 
         def finished(result: Any, name: str, start: float) -> Any:
@@ -108,7 +113,13 @@ class CommandMetrics(ChainedMiddleware):
             start = seconds()
             d = next(command, context)
             if d.called and not d.paused and not isinstance(d.result, Failure):
-                observe(command.name, "ok", seconds() - start)
+                duration = seconds() - start
+                h = ok.get(command.name)
+                if h is None:
+                    observe(command.name, "ok", duration)
+                else:  # Histogram.observe, inlined
+                    h.counts[bisect_left(h.bounds, duration)] += 1
+                    h.total += duration
                 return d
             return d.addBoth(finished, command.name, start)
 

@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorMulticast, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from piccolod.errors import ConfigError
 from piccolod.events import Envelope, HealthLevel, MdnsNameChanged, RoutePublished

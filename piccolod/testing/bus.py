@@ -63,6 +63,14 @@ class FakeEventBus(MemoryEventBus):
         self._published.append(envelope)
         return envelope
 
+    def has_subscribers(self, topic: str) -> bool:
+        """
+        Always true once the topic is valid: the fake records every
+        publication, so it is itself a listener of every topic.
+        """
+        super().has_subscribers(topic)
+        return True
+
     # -- recording
 
     def published(self, topic: str | None = None) -> list[Envelope[Any]]:

@@ -8,8 +8,8 @@ Drop-in subsystem plugins for the ``mdns`` slot (opt-in: select with
 
 from __future__ import annotations
 
-from piccolod.kernel.plugins import SubsystemPlugin
 from piccolod.interfaces import IMdnsResponder
+from piccolod.kernel.plugins import SubsystemPlugin
 from piccolod.mdns.service import CONFIG_KEYS
 
 mdnsMulticast = SubsystemPlugin(
