@@ -19,7 +19,7 @@ Results are attrs values too (subclasses of :class:`Result`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import attrs
 
@@ -62,10 +62,11 @@ class Result:
         return attrs.asdict(self)  # type: ignore[arg-type]
 
 
-@attrs.frozen
-class CommandContext:
+class CommandContext(NamedTuple):
     """
-    Per-dispatch facts that are not part of the command itself.
+    Per-dispatch facts that are not part of the command itself (an
+    immutable named tuple: one is built per dispatch, at half the cost of a
+    frozen attrs class).
 
     @ivar command_id: idempotency key; a command id seen within the TTL
         returns the first result, and concurrent duplicates share one run.

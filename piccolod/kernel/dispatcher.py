@@ -67,6 +67,7 @@ from piccolod.interfaces import (
     Middleware,
 )
 from piccolod.kernel.aio import provides, to_deferred
+from piccolod.logging import correlation_id as _correlation_id
 
 #: ``(command, context) -> Deferred``: the rest of the chain.
 Next = Callable[[Command, CommandContext], "Deferred[Any]"]
@@ -965,26 +966,38 @@ class CommandDispatcher:
             return fail(_failure())
 
     def _invoke(self, command: Command, context: CommandContext) -> Deferred[Any]:
-        """The innermost step: call the handler and check what it returns."""
+        """
+        The innermost step: call the handler and check what it returns.
+
+        The handler runs with :data:`piccolod.logging.correlation_id` set to
+        the command's correlation id (or command id), so every line logged
+        under it, in coroutines it starts too, carries that id.
+        """
         handler = self._handlers.get(command.name)
         if handler is None:  # unregistered while the command was in flight
             return fail(UnknownCommand(f"no handler for {command.name!r}"))
+        cid = context.correlation_id or context.command_id
+        token = None if cid is None else _correlation_id.set(cid)
         try:
             result = handler(command, context)
+            if isinstance(result, Result):
+                return succeed(result)
+            if isinstance(result, Deferred) or hasattr(result, "__await__"):
+                # Wrapped while the id is set: a coroutine copies the context now.
+                d = to_deferred(result)
+                return d.addCallbacks(
+                    self._check_result,
+                    self._handler_failed,
+                    callbackArgs=(command,),
+                    errbackArgs=(command, context),
+                )
         except BaseException:
             failure = _failure()
             self._handler_failed(failure, command, context)
             return fail(failure)
-        if isinstance(result, Result):
-            return succeed(result)
-        if isinstance(result, Deferred) or hasattr(result, "__await__"):
-            d = to_deferred(result)
-            return d.addCallbacks(
-                self._check_result,
-                self._handler_failed,
-                callbackArgs=(command,),
-                errbackArgs=(command, context),
-            )
+        finally:
+            if token is not None:
+                _correlation_id.reset(token)
         return fail(self._bad_result(command, result))
 
     def _check_result(self, result: Any, command: Command) -> Any:

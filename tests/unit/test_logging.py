@@ -70,3 +70,47 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
         with open(path) as f:
             self.assertEqual(len([x for x in f.read().splitlines() if x.strip()]), 2)
+
+
+class DispatcherCorrelationTests(SynchronousTestCase):
+    def test_handler_lines_carry_the_command_correlation_id(self) -> None:
+        """Lines logged by a handler, sync or async, carry its command's correlation id."""
+        import attrs
+        from twisted.internet.defer import Deferred
+        from twisted.internet.task import Clock
+
+        from piccolod.commands import Command, CommandContext, Ping, Pong
+        from piccolod.kernel.dispatcher import CommandDispatcher
+
+        stream = io.StringIO()
+        log = Logger(observer=LogPublisher(observer_for(format="json", stream=stream)))
+        gate: Deferred[None] = Deferred()
+
+        @attrs.frozen
+        class Slow(Command):
+            name = "test.slow"
+
+        def ping(command: Ping, context: CommandContext) -> Pong:
+            log.info("sync handler")
+            return Pong()
+
+        async def slow(command: Slow, context: CommandContext) -> Pong:
+            await gate
+            log.info("async handler after await")
+            return Pong()
+
+        clock = Clock()
+        dispatcher = CommandDispatcher(clock)
+        dispatcher.register(Ping, ping)
+        dispatcher.register(Slow, slow)
+        self.successResultOf(dispatcher.dispatch(Ping(), CommandContext(correlation_id="c-1")))
+        d = dispatcher.dispatch(Slow(), CommandContext(command_id="id-2"))
+        log.info("outside any command")
+        gate.callback(None)
+        self.successResultOf(d)
+        events = [json.loads(x.lstrip("\x1e")) for x in stream.getvalue().splitlines() if x.strip()]
+        by_text = {e["log_format"]: e.get("correlation_id") for e in events}
+        self.assertEqual(by_text["sync handler"], "c-1")
+        self.assertEqual(by_text["async handler after await"], "id-2")
+        self.assertIsNone(by_text["outside any command"])
+        dispatcher.stop()
