@@ -935,3 +935,118 @@ class StoreDone(Result):
     """A store write or delete finished."""
 
     ok: bool = True
+
+
+# --------------------------------------------------------------------------
+# Cluster commands
+#
+# Answered by the consensus subsystem (every variant answers
+# ``cluster.status``; ``cluster.fenced_put`` and ``cluster.get`` need a
+# variant with a shared store, such as ``etcd``).  Keys are relative to the
+# cluster's data prefix.
+
+MAX_CLUSTER_KEY = 512
+MAX_CLUSTER_VALUE = 1 << 20
+
+
+def _cluster_key(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """attrs validator: a relative key of printable ASCII, no empty or dot segments."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CLUSTER_KEY:
+        raise InvalidCommand(f"{attribute.name} must be 1 to {MAX_CLUSTER_KEY} characters")
+    if any(not (0x21 <= ord(c) <= 0x7E) for c in value):
+        raise InvalidCommand(f"{attribute.name} must be printable ASCII without spaces")
+    if any(part in ("", ".", "..") for part in value.split("/")):
+        raise InvalidCommand(f"{attribute.name} must not have empty, '.' or '..' segments")
+
+
+def _cluster_value(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or len(value.encode()) > MAX_CLUSTER_VALUE:
+        raise InvalidCommand(
+            f"{attribute.name} must be a string of at most {MAX_CLUSTER_VALUE} bytes"
+        )
+
+
+@attrs.frozen
+class GetClusterStatus(Command):
+    """This node's view of the cluster: members, roles and terms per resource."""
+
+    name: ClassVar[str] = "cluster.status"
+    audit: ClassVar[bool] = False
+    timeout: ClassVar[float | None] = 10.0
+
+    def resource(self) -> str:
+        return "cluster"
+
+
+@attrs.frozen
+class ClusterStatus(Result):
+    """
+    @ivar variant: the consensus variant (``single-node``, ``etcd``).
+    @ivar members: one dict per known node (``node_id``, ``api_address``,
+        ``self``), sorted by node id.
+    @ivar resources: one dict per tracked resource (``LeadershipState``
+        fields and the variant's details), sorted by name.
+    @ivar backend: the variant's own view (etcd endpoints and their
+        health), ``None`` for single-node.
+    """
+
+    node_id: str
+    variant: str
+    members: tuple[dict[str, Any], ...] = ()
+    resources: tuple[dict[str, Any], ...] = ()
+    backend: dict[str, Any] | None = None
+
+
+@attrs.frozen
+class FencedPut(Command):
+    """
+    Write ``value`` at ``key`` in the cluster's shared store, fenced by this
+    node's leadership of ``resource_name``: refused with ``NotLeader``
+    unless this node leads it and its fencing token still holds in the
+    store at the moment of the write.
+    """
+
+    name: ClassVar[str] = "cluster.fenced_put"
+    timeout: ClassVar[float | None] = 10.0
+    key: str = attrs.field(validator=_cluster_key)
+    value: str = attrs.field(validator=_cluster_value)
+    resource_name: str = attrs.field(default="control-plane", validator=non_empty)
+
+    def leader_resource(self) -> str | None:
+        return self.resource_name
+
+    def resource(self) -> str:
+        return f"cluster:{self.key}"
+
+
+@attrs.frozen
+class FencedPutDone(Result):
+    """The write was acknowledged by the store at ``revision`` under fencing ``term``."""
+
+    key: str
+    revision: int
+    term: int
+
+
+@attrs.frozen
+class ReadClusterKey(Command):
+    """Read ``key`` from the cluster's shared store (linearizable)."""
+
+    name: ClassVar[str] = "cluster.get"
+    audit: ClassVar[bool] = False
+    timeout: ClassVar[float | None] = 10.0
+    key: str = attrs.field(validator=_cluster_key)
+
+    def resource(self) -> str:
+        return f"cluster:{self.key}"
+
+
+@attrs.frozen
+class ClusterValue(Result):
+    """A key of the shared store; ``value`` is ``None`` when it does not exist."""
+
+    key: str
+    value: str | None = None
+    create_revision: int = 0
+    mod_revision: int = 0
+    revision: int = 0
