@@ -8,6 +8,8 @@ and outcome with one ``bisect`` and two increments.  Everything is turned
 into Prometheus families at scrape time by :class:`KernelCollector`, on a
 private ``CollectorRegistry`` (never the process-global one), together with
 prometheus-client's own process collector (RSS, CPU, open files).
+prometheus-client itself is imported at the first scrape: a daemon nobody
+scrapes does not pay its memory.
 """
 
 from __future__ import annotations
@@ -17,15 +19,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
-from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.exposition import generate_latest
-from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -143,7 +136,7 @@ class HTTPMetrics:
 
 
 @attrs.define(eq=False)
-class KernelCollector(Collector):
+class KernelCollector:
     """
     Turns the kernel's counters into Prometheus families at scrape time.
 
@@ -160,7 +153,9 @@ class KernelCollector(Collector):
     http: HTTPMetrics | None = None
     lag: Callable[[], float] | None = None
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
         yield from self._bus()
         yield from self._commands()
         yield from self._jobs()
@@ -175,7 +170,12 @@ class KernelCollector(Collector):
             g.add_metric([], self.lag())
             yield g
 
-    def _bus(self) -> Iterator[Metric]:
+    def _bus(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+        )
+
         if self.bus is None:
             return
         stats = self.bus.stats()
@@ -203,7 +203,12 @@ class KernelCollector(Collector):
         yield depth
         yield sub_dropped
 
-    def _commands(self) -> Iterator[Metric]:
+    def _commands(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            HistogramMetricFamily,
+        )
+
         if self.dispatcher is not None:
             counts = CounterMetricFamily(
                 "piccolod_commands",
@@ -224,7 +229,12 @@ class KernelCollector(Collector):
                 h.add_metric([name, outcome], hist.buckets(), hist.total)
             yield h
 
-    def _jobs(self) -> Iterator[Metric]:
+    def _jobs(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+        )
+
         if self.jobs is None:
             return
         stats = self.jobs.stats()
@@ -260,7 +270,12 @@ class KernelCollector(Collector):
             count.add_metric([name], c["duration_count"])
         yield from (ended, retries, running, queued, duration, count)
 
-    def _supervisor(self) -> Iterator[Metric]:
+    def _supervisor(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+        )
+
         if self.supervisor is None:
             return
         restarts = CounterMetricFamily(
@@ -278,7 +293,11 @@ class KernelCollector(Collector):
         yield restarts
         yield state
 
-    def _health(self) -> Iterator[Metric]:
+    def _health(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            GaugeMetricFamily,
+        )
+
         if self.health is None:
             return
         level = GaugeMetricFamily(
@@ -293,7 +312,12 @@ class KernelCollector(Collector):
         ready.add_metric([], 1.0 if self.health.ready() else 0.0)
         yield ready
 
-    def _http(self) -> Iterator[Metric]:
+    def _http(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            HistogramMetricFamily,
+        )
+
         if self.http is None:
             return
         counts = CounterMetricFamily(
@@ -318,10 +342,11 @@ class KernelCollector(Collector):
 class KernelMetrics:
     """The registry ``/metrics`` serves, and the hot-path recorders feeding it."""
 
-    registry: CollectorRegistry
     collector: KernelCollector
     commands: CommandMetrics
     http: HTTPMetrics
+    process: bool = True
+    _registry: Any = None
 
     @classmethod
     def build(
@@ -336,7 +361,6 @@ class KernelMetrics:
         lag: Callable[[], float] | None = None,
         process: bool = True,
     ) -> KernelMetrics:
-        registry = CollectorRegistry(auto_describe=False)
         commands = CommandMetrics(clock)
         http = HTTPMetrics()
         collector = KernelCollector(
@@ -349,16 +373,29 @@ class KernelMetrics:
             http=http,
             lag=lag,
         )
-        registry.register(collector)
-        if process:
-            ProcessCollector(namespace="piccolod", registry=registry)
         if dispatcher is not None:
             dispatcher.add_middleware("metrics", commands)
-        return cls(registry=registry, collector=collector, commands=commands, http=http)
+        return cls(collector=collector, commands=commands, http=http, process=process)
+
+    @property
+    def registry(self) -> Any:
+        """The private ``CollectorRegistry``, built (and prometheus-client imported) once."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry, ProcessCollector
+
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(self.collector)  # type: ignore[arg-type]
+            if self.process:
+                ProcessCollector(namespace="piccolod", registry=registry)
+            self._registry = registry
+        return self._registry
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        from prometheus_client.exposition import generate_latest
+
+        text: bytes = generate_latest(self.registry)
+        return text
 
     def snapshot(self) -> Mapping[str, float]:
         """``{"name{labels}": value}`` of every sample (tests, piccolodctl)."""

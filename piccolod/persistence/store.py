@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
-from sqlcipher3 import dbapi2 as sqlcipher  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -110,6 +109,17 @@ T = TypeVar("T")
 CONTROL_PLANE = "control-plane"
 GENESIS = "0" * 64
 _KEY_LABEL = "piccolod/control-store/v1"
+
+
+def _sqlcipher() -> Any:
+    """
+    SQLCipher's DB-API module, imported on first use: a locked or
+    uninitialised daemon never opens the store, and the library costs about
+    5 MB of resident memory on a box that may have 1 GB.
+    """
+    from sqlcipher3 import dbapi2  # type: ignore[import-untyped]
+
+    return dbapi2
 
 
 def store_key(data_key: DataKey) -> bytes:
@@ -232,6 +242,7 @@ class CheckpointResult:
 
 def _translate(error: BaseException) -> BaseException:
     """A typed error for a SQLite exception (others are returned as they are)."""
+    sqlcipher = _sqlcipher()
     if isinstance(error, PiccolodError) or not isinstance(error, sqlcipher.Error):
         return error
     text = str(error)
@@ -295,6 +306,7 @@ class _Database:
             if read_only:
                 raise StoreMissing(f"no control store at {path} to open read-only")
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sqlcipher = _sqlcipher()
         connection = sqlcipher.connect(
             str(path), isolation_level=None, check_same_thread=False, timeout=10.0
         )
@@ -318,7 +330,7 @@ class _Database:
         execute(f"PRAGMA key = \"x'{key.hex()}'\"")
         try:
             execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except sqlcipher.DatabaseError:
+        except _sqlcipher().DatabaseError:
             raise StoreUnreadable(
                 f"the control store at {self.path} cannot be decrypted with this keyset's key: "
                 "it is damaged, truncated or belongs to another keyset"
