@@ -1358,6 +1358,19 @@ class IServiceManager(Interface):
 
 
 __all__ = [
+    "AuthState",
+    "AppRecord",
+    "RemoteConfigRecord",
+    "AuditEntry",
+    "ControlStoreInfo",
+    "IAuthRepository",
+    "IAppsRepository",
+    "IRemoteRepository",
+    "IAuditRepository",
+    "ISettingsRepository",
+    "IControlTransaction",
+    "IControlStore",
+    "IPersistence",
     "AdvertisedName",
     "Backoff",
     "ChildSpec",
