@@ -781,8 +781,24 @@ class PersistenceService(Service):
         are collected, and it is unlocked again with the same data key.
         Publishes ``JobProgress`` (class ``export``) and ``ExportResult``.
         Fails with ``IllegalTransition`` before setup.
+
+        With the kernel's job runner the export runs as an ``export`` job
+        (its class limit applies, it shows in ``/api/v1/jobs`` with its
+        progress, and it can be cancelled); without one it runs directly.
         """
-        return self._serial(self._export, kind, correlation)
+        if self.jobs is None:
+            return self._serial(self._export, kind, correlation)
+        from piccolod.kernel.jobs import JobSpec
+
+        handle = self.jobs.submit(
+            JobSpec(
+                job_class="export",
+                fn=lambda control: self._serial(self._export, kind, correlation, control),
+                name=f"{kind} export",
+                metadata={"kind": kind, **({"correlation_id": correlation} if correlation else {})},
+            )
+        )
+        return handle.result()
 
     def import_bundle(self, path: str, correlation: str | None = None) -> Deferred[ImportDone]:
         """
@@ -915,13 +931,18 @@ class PersistenceService(Service):
         self.log.info("persistence: the recovery key was rotated")
         return RecoveryKeyRotated(recovery_key=" ".join(words))
 
-    async def _export(self, kind: str, correlation: str | None) -> ExportDone:
+    async def _export(self, kind: str, correlation: str | None, control: Any = None) -> ExportDone:
         if kind not in ("control", "full"):
             raise InvalidCommand(f"unknown export kind {kind!r}")
         if self.state is LockState.UNINITIALIZED:
             raise IllegalTransition(MACHINE_NAME, self.state.value, f"{kind}_export")
-        job_id = f"export-{secrets.token_hex(4)}"
-        progress = self._progress_reporter(job_id, correlation)
+        job_id = control.job_id if control is not None else f"export-{secrets.token_hex(4)}"
+        # Under the job runner, progress goes through the job (which publishes
+        # it with the job's id); the runner publishes the final state itself.
+        progress = (
+            control.report if control is not None else self._progress_reporter(job_id, correlation)
+        )
+        publish_final = control is None
         progress(0.0, f"{kind} export: quiescing storage")
         keyset = await self._load_keyset()
         key_copy: DataKey | None = None
@@ -949,7 +970,8 @@ class PersistenceService(Service):
                 source="persistence",
                 correlation_id=correlation,
             )
-            self._publish_progress(job_id, "failed", 1.0, _describe(e), correlation)
+            if publish_final:
+                self._publish_progress(job_id, "failed", 1.0, _describe(e), correlation)
             raise
         finally:
             if key_copy is not None:
@@ -964,7 +986,8 @@ class PersistenceService(Service):
             source="persistence",
             correlation_id=correlation,
         )
-        self._publish_progress(job_id, "succeeded", 1.0, f"wrote {info.path}", correlation)
+        if publish_final:
+            self._publish_progress(job_id, "succeeded", 1.0, f"wrote {info.path}", correlation)
         self.log.info(
             "persistence: {kind} export written to {path} ({size} bytes)",
             kind=kind,

@@ -19,6 +19,7 @@ from piccolod.errors import Conflict, IllegalTransition, InvalidCommand
 from piccolod.events import ExportResult, JobProgress, LockState, LockStateChanged, Role
 from piccolod.interfaces import AppRecord, AuditEntry, AuthState
 from piccolod.kernel.dispatcher import CommandDispatcher
+from piccolod.kernel.jobs import JobRunner
 from piccolod.kernel.leadership import LeadershipRegistry
 from piccolod.persistence.directory import DirectoryVolumes
 from piccolod.persistence.errors import StoreError
@@ -35,7 +36,9 @@ CANARY = "EXPORT-CANARY-93c1"
 class Box:
     """One state dir with its service (volumes on the directory adapter, or none)."""
 
-    def __init__(self, case: SynchronousTestCase, volumes: bool = True) -> None:
+    def __init__(
+        self, case: SynchronousTestCase, volumes: bool = True, jobs: bool = False
+    ) -> None:
         self.case = case
         self.state_dir = Path(tempfile.mkdtemp(prefix="box-"))
         case.addCleanup(shutil.rmtree, self.state_dir, True)
@@ -46,6 +49,11 @@ class Box:
         self.registry.update("control-plane", Role.LEADER, 1, leader_id="n")
         self.dispatcher = CommandDispatcher(self.clock, self.bus, registry=self.registry)
         self.adapter = DirectoryVolumes(self.clock, self.state_dir)
+        self.jobs: JobRunner | None = None
+        if jobs:
+            self.jobs = JobRunner(self.clock, self.bus, limits={"export": 1})
+            self.jobs.startService()
+            case.addCleanup(self.jobs.stopService)
         factory = None
         if volumes:
 
@@ -60,6 +68,7 @@ class Box:
             dispatcher=self.dispatcher,
             registry=self.registry,
             volume_manager_factory=factory,
+            jobs=self.jobs,
         )
         self.service.startService()
         case.addCleanup(self.stop)
@@ -93,6 +102,37 @@ class Box:
             "revision": s.info().revision,
             "checksum": s.info().checksum,
         }
+
+
+class ExportJobTests(SynchronousTestCase):
+    def test_export_runs_as_an_export_job(self) -> None:
+        """With the kernel's job runner an export is an ``export`` job with progress and an end."""
+        box = Box(self, jobs=True)
+        box.populate()
+        d = box.dispatcher.dispatch(RunControlExport())
+        box.clock.advance(0)
+        done = box.result(d)
+        assert box.jobs is not None
+        (job,) = [j for j in box.jobs.jobs() if j.job_class == "export"]
+        self.assertEqual(job.state.value, "succeeded")
+        self.assertEqual(job.name, "control export")
+        self.assertTrue(Path(done.path).exists())
+        progress = [e for e in box.bus.events("jobs.progress") if e.job_id == job.id]
+        self.assertGreater(len([e for e in progress if e.state == "running"]), 1)
+        self.assertEqual(progress[-1].state, "succeeded")
+        self.assertIs(box.service.state, LockState.UNLOCKED)
+
+    def test_concurrent_exports_both_complete_as_jobs(self) -> None:
+        """Two exports requested at once both complete, as two export jobs."""
+        box = Box(self, jobs=True)
+        box.populate()
+        first = box.dispatcher.dispatch(RunControlExport())
+        second = box.dispatcher.dispatch(RunControlExport())
+        box.clock.advance(0)
+        a, b = box.result(first), box.result(second)
+        self.assertNotEqual(a.path, b.path)
+        assert box.jobs is not None
+        self.assertEqual(box.jobs.stats()["classes"]["export"]["succeeded"], 2)
 
 
 class ExportTests(SynchronousTestCase):
