@@ -1050,3 +1050,25 @@ class ClusterValue(Result):
     create_revision: int = 0
     mod_revision: int = 0
     revision: int = 0
+
+
+# --------------------------------------------------------------------------
+# Auth commands
+#
+# Asked of the persistence subsystem by the API: the admin password is the
+# storage password, so checking it at login (while storage is unlocked) is
+# a keyset operation.
+
+
+@attrs.frozen(kw_only=True)
+class VerifyPassword(_Redacted, Command):
+    """
+    Check ``password`` against the keyset and change nothing: answers the
+    ``StorageStatus``, or fails with ``WrongPassword`` (rate-limited like
+    unlock attempts, ``RateLimited`` during the delay) or
+    ``IllegalTransition`` before setup.
+    """
+
+    name: ClassVar[str] = "persistence.verify_password"
+    timeout: ClassVar[float | None] = 120.0
+    password: str = attrs.field(repr=False, validator=_secret)
