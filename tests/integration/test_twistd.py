@@ -171,3 +171,35 @@ def test_unreachable_listen_endpoint_is_reported(tmp_path: Path) -> None:
             d.kill()
     finally:
         s.close()
+
+
+def test_tac_builds_the_same_tree(tmp_path: Path) -> None:
+    """twistd -ny piccolod.tac serves the same subsystems and stops cleanly."""
+    root = Path(__file__).resolve().parents[2]
+    state = tmp_path / "state"
+    d = Daemon(
+        state,
+        (),
+        None,
+        env={
+            "PICCOLOD_STATE_DIR": str(state),
+            "PICCOLOD_LISTEN": "tcp:0:interface=127.0.0.1",
+        },
+    )
+    d.cmd = [*TWISTD, "-n", "--pidfile=", "-y", str(root / "piccolod.tac")]
+    d.start()
+    try:
+        d.wait_ready()
+        plugin = Daemon(tmp_path / "plugin-state", (), None).start()
+        try:
+            plugin.wait_ready()
+            expected = plugin.get("/api/v1/health/detail")[2]["subsystems"]
+            assert plugin.stop() == 0
+        finally:
+            plugin.kill()
+        detail = d.get("/api/v1/health/detail")[2]
+        assert detail["subsystems"] == expected
+        assert all(c["state"] == "running" for c in detail["children"])
+        assert d.stop() == 0, d.log()
+    finally:
+        d.kill()
