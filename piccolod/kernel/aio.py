@@ -66,6 +66,21 @@ def async_to_deferred(
     return wrapper
 
 
+def from_asyncio(awaitable: Any) -> Deferred[Any]:
+    """
+    Await an asyncio awaitable (``asyncio.sleep``, an aiohttp call, an
+    asyncio library's coroutine) from Twisted code.
+
+    Only under ``twistd --reactor=asyncio``, where the reactor runs on the
+    asyncio loop; ``async def`` handlers are run as Twisted coroutines (they
+    await Deferreds directly) and use this for asyncio-native work::
+
+        async def handler(command, context):
+            data = await from_asyncio(some_asyncio_client.fetch())
+    """
+    return Deferred.fromFuture(asyncio.ensure_future(awaitable))
+
+
 def provides(interface: InterfaceClass) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
     """attrs validator: the value provides ``interface`` (klein's helper)."""
 
