@@ -62,6 +62,7 @@ from piccolod.commands import (
     ChangePassword,
     Command,
     CommandContext,
+    DeleteVolume,
     DetachVolume,
     EnsureVolume,
     ExportDone,
@@ -77,7 +78,21 @@ from piccolod.commands import (
     SetupResult,
     SetupStorage,
     StorageStatus,
+    StoredApp,
+    StoredApps,
+    StoreDeleteApp,
+    StoreDeleteSetting,
+    StoreDone,
+    StoredSetting,
+    StoredSettings,
+    StoreGetApp,
+    StoreGetSetting,
+    StoreListApps,
+    StoreListSettings,
+    StorePutApp,
+    StoreSetSetting,
     UnlockStorage,
+    VerifyPassword,
     VolumeResult,
 )
 from piccolod.errors import (
@@ -85,6 +100,7 @@ from piccolod.errors import (
     IllegalTransition,
     InvalidCommand,
     Locked,
+    NotFound,
     NotReady,
     PiccolodError,
     RateLimited,
@@ -99,6 +115,7 @@ from piccolod.events import (
     Role,
 )
 from piccolod.interfaces import (
+    AppRecord,
     ControlStoreInfo,
     ICommandDispatcher,
     IControlStore,
@@ -151,6 +168,8 @@ class VolumeManagerLike(Protocol):
     def sweep(self) -> Deferred[Any]: ...
 
     def status(self, volume_id: str) -> Deferred[Any]: ...
+
+    def delete(self, volume_id: str) -> Deferred[None]: ...
 
     def close(self) -> None: ...
 
@@ -622,6 +641,16 @@ class PersistenceService(Service):
             (RunControlExport, self._handle_control_export),
             (RunFullExport, self._handle_full_export),
             (ImportBundle, self._handle_import),
+            (VerifyPassword, self._handle_verify_password),
+            (DeleteVolume, self._handle_delete_volume),
+            (StoreGetApp, self._handle_store_get_app),
+            (StoreListApps, self._handle_store_list_apps),
+            (StorePutApp, self._handle_store_put_app),
+            (StoreDeleteApp, self._handle_store_delete_app),
+            (StoreGetSetting, self._handle_store_get_setting),
+            (StoreSetSetting, self._handle_store_set_setting),
+            (StoreDeleteSetting, self._handle_store_delete_setting),
+            (StoreListSettings, self._handle_store_list_settings),
         ]
         try:
             for command_type, handler in handlers:
@@ -693,6 +722,97 @@ class PersistenceService(Service):
         self, command: ImportBundle, context: CommandContext
     ) -> Deferred[ImportDone]:
         return self.import_bundle(command.path, _correlation(context))
+
+    # -- auth and control-store commands (for the API and the apps subsystem) ------
+
+    def _handle_verify_password(
+        self, command: VerifyPassword, context: CommandContext
+    ) -> Deferred[StorageStatus]:
+        return self.verify_password(command.password)
+
+    def verify_password(self, password: str) -> Deferred[StorageStatus]:
+        """
+        Check ``password`` against the keyset and change nothing (the API's
+        login while storage is unlocked).  Fails with ``IllegalTransition``
+        before setup, ``RateLimited`` during the delay after a wrong secret
+        and ``WrongPassword`` (which counts toward that delay).
+        """
+        return self._serial(self._verify_password, password)
+
+    async def _verify_password(self, password: str) -> StorageStatus:
+        if self.state is LockState.UNINITIALIZED:
+            raise IllegalTransition(MACHINE_NAME, self.state.value, "verify_password")
+        self._limiter.check()
+        keyset = await self._load_keyset()
+        data_key = await self._open_keyset(keyset, password, None)
+        data_key.wipe()
+        return self.status()
+
+    async def _handle_delete_volume(
+        self, command: DeleteVolume, context: CommandContext
+    ) -> StoreDone:
+        await self._require_volumes().delete(command.volume_id)
+        keyset = await self._load_keyset()
+        await self._blocking(lambda: self._volume_keys.forget(keyset.keyset_id, command.volume_id))
+        return StoreDone()
+
+    @staticmethod
+    def _stored(record: AppRecord) -> StoredApp:
+        return StoredApp(
+            name=record.name,
+            spec=dict(record.spec),
+            enabled=record.enabled,
+            generation=record.generation,
+            updated_at=record.updated_at,
+        )
+
+    async def _handle_store_get_app(
+        self, command: StoreGetApp, context: CommandContext
+    ) -> StoredApp:
+        return self._stored(await self.apps.get(command.app))
+
+    async def _handle_store_list_apps(
+        self, command: StoreListApps, context: CommandContext
+    ) -> StoredApps:
+        return StoredApps(tuple(self._stored(r) for r in await self.apps.list_all()))
+
+    async def _handle_store_put_app(
+        self, command: StorePutApp, context: CommandContext
+    ) -> StoredApp:
+        record = await self.apps.put(AppRecord(command.app, command.spec, command.enabled))
+        return self._stored(record)
+
+    async def _handle_store_delete_app(
+        self, command: StoreDeleteApp, context: CommandContext
+    ) -> StoreDone:
+        await self.apps.delete(command.app)
+        return StoreDone()
+
+    async def _handle_store_get_setting(
+        self, command: StoreGetSetting, context: CommandContext
+    ) -> StoredSetting:
+        return StoredSetting(command.key, await self.settings.get(command.key))
+
+    async def _handle_store_set_setting(
+        self, command: StoreSetSetting, context: CommandContext
+    ) -> StoreDone:
+        await self.settings.set(command.key, command.value)
+        return StoreDone()
+
+    async def _handle_store_delete_setting(
+        self, command: StoreDeleteSetting, context: CommandContext
+    ) -> StoreDone:
+        try:
+            await self.settings.delete(command.key)
+        except NotFound:  # deleting is idempotent for callers
+            pass
+        return StoreDone()
+
+    async def _handle_store_list_settings(
+        self, command: StoreListSettings, context: CommandContext
+    ) -> StoredSettings:
+        items = await self.settings.items()
+        return StoredSettings({k: v for k, v in items.items() if k.startswith(command.prefix)})
 
     def _require_volumes(self) -> VolumeManagerLike:
         if self.volumes is None:

@@ -46,7 +46,7 @@ _LABEL = "piccolod/volume-keys/v1"
 
 def check_volume_id(volume_id: object) -> str:
     """Return ``volume_id`` if well-formed; raise ``InvalidCommand``."""
-    if not isinstance(volume_id, str) or not VOLUME_ID.match(volume_id):
+    if not isinstance(volume_id, str) or not VOLUME_ID.fullmatch(volume_id):
         raise InvalidCommand(f"volume id must match {VOLUME_ID.pattern}, got {volume_id!r}")
     return volume_id
 
@@ -85,7 +85,7 @@ class VolumeKeys:
         if not isinstance(volumes, dict):
             raise KeysetCorrupt("volume keys: 'volumes' is not an object")
         for volume_id, entry in volumes.items():
-            if not isinstance(volume_id, str) or not VOLUME_ID.match(volume_id):
+            if not isinstance(volume_id, str) or not VOLUME_ID.fullmatch(volume_id):
                 raise KeysetCorrupt("volume keys: a volume id is malformed")
             if not isinstance(entry, dict):
                 raise KeysetCorrupt(f"volume keys: the entry of {volume_id!r} is not an object")
@@ -105,6 +105,15 @@ class VolumeKeys:
                     f"volume keys: the passphrase of {volume_id!r} fails authentication"
                 ) from None
         return found
+
+    def forget(self, keyset_id: str, volume_id: str) -> None:
+        """Drop the passphrase of a deleted volume (atomic; idempotent)."""
+        check_volume_id(volume_id)
+        entries: dict[str, Any] = dict(self._read(keyset_id))
+        if entries.pop(volume_id, None) is None:
+            return
+        body = {"format": FORMAT, "version": VERSION, "keyset_id": keyset_id, "volumes": entries}
+        write_atomically(self.path, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
 
     def ensure(
         self, data_key: DataKey, keyset_id: str, volume_ids: Iterable[str]

@@ -51,6 +51,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -523,6 +524,16 @@ class VolumeManager:
         """
         return Deferred.fromCoroutine(self._sweep())
 
+    def delete(self, volume_id: str) -> Deferred[None]:
+        """
+        Detach the volume and delete it with its data: ciphertext, mount
+        point and journal (idempotent: a volume that does not exist is
+        fine).  Publishes ``VolumeStateChanged`` with state ``deleted``.
+        Fails with ``VolumeBusy`` when it cannot be unmounted (then nothing
+        is deleted).
+        """
+        return self._op(volume_id, self._delete)
+
     def repair(self, volume_id: str) -> Deferred[VolumeStatus]:
         """
         Clear ``needs-repair`` after a human looked: a corrupt journal is
@@ -673,6 +684,27 @@ class VolumeManager:
             journal, observed=DETACHED, observed_generation=journal.generation, error=None
         )
         return self._status_of(journal)
+
+    async def _delete(self, volume_id: str) -> None:
+        if self.adapter.is_mounted(volume_id):
+            await self.adapter.unmount(volume_id)
+        self._paths.pop(volume_id, None)
+        layout = self._layout
+
+        def remove() -> None:
+            for tree in (layout.ciphertext(volume_id), layout.mountpoint(volume_id)):
+                if tree.is_symlink():
+                    tree.unlink()
+                elif tree.exists():
+                    shutil.rmtree(tree)
+            layout.journal(volume_id).unlink(missing_ok=True)
+
+        await run_blocking(self.reactor, self.threadpool, remove)
+        existed = self._journals.pop(volume_id, None) is not None
+        self._corrupt.pop(volume_id, None)
+        if existed:
+            self.log.info("volume {volume_id} deleted with its data", volume_id=volume_id)
+        self._publish_state(volume_id, "deleted", 0, "deleted with its data")
 
     async def _detach_all(self, reason: str) -> list[str]:
         wanted = set(self.adapter.mounted()) | {
