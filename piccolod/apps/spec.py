@@ -36,7 +36,7 @@ The accepted document::
     resources: {limits: {memory: 256MB, cpu: 0.5}}
     healthcheck: {http: {path: /health, listener: web, interval: 10, timeout: 5, retries: 3}}
     depends_on: [db]
-    permissions: {network: {internet: allow}}   # allow | deny (deny: internal network)
+    permissions: {network: {internet: allow}}   # only allow (deny is refused: not enforceable)
     cluster: {mode: stateful}        # stateful | stateless_read_only
     x-anything: ...                  # extension metadata, kept, never interpreted
 """
@@ -906,7 +906,16 @@ def _permissions(document: Mapping[str, Any], errors: _Errors) -> bool:
     if value not in ("allow", "deny"):
         errors.add("permissions.network.internet", f"must be allow or deny, got {value!r}")
         return True
-    return bool(value == "allow")
+    if value == "deny":
+        # Podman's internal networks do not forward published ports, so an
+        # app without internet would also be unreachable through its
+        # listeners: refused rather than silently not enforced.
+        errors.add(
+            "permissions.network.internet",
+            "deny cannot be enforced here: the runtime does not forward published ports "
+            "into networks without internet access; remove it",
+        )
+    return True
 
 
 def _cluster(document: Mapping[str, Any], errors: _Errors) -> str:
