@@ -16,20 +16,23 @@ whose body says nothing internal.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from piccolod.errors import InvalidCommand, NotFound, PiccolodError, TooLarge
+from piccolod.errors import InvalidCommand, NotFound, PiccolodError, TooLarge, Unauthorized
 from piccolod.kernel.aio import call
+
+from .schema import validate
 
 log = Logger()
 
@@ -63,6 +66,8 @@ class JSONResponse:
     status: int = 200
     headers: Mapping[str, str] = attrs.field(factory=dict)
     content_type: bytes = JSON
+    #: ``Set-Cookie`` header values.
+    cookies: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -73,6 +78,7 @@ class RawResponse:
     content_type: bytes
     status: int = 200
     headers: Mapping[str, str] = attrs.field(factory=dict)
+    cookies: tuple[str, ...] = ()
 
 
 def problem_response(error: PiccolodError, instance: str = "") -> JSONResponse:
@@ -86,19 +92,69 @@ def problem_response(error: PiccolodError, instance: str = "") -> JSONResponse:
         headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
     if isinstance(error, MethodNotAllowed):
         headers["Allow"] = ", ".join(error.allowed)
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="piccolod"'
     return JSONResponse(body, error.status, headers, PROBLEM_JSON)
 
 
 _PARAM = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 
+#: Methods that never change state: no CSRF token is asked for them.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class _Streaming:
+    """The type of :data:`STREAMING`."""
+
+    def __repr__(self) -> str:
+        return "STREAMING"
+
+
+#: What a handler returns when it writes and finishes the response itself
+#: (Server-Sent Events): the router then writes nothing.
+STREAMING = _Streaming()
+
+
 @attrs.frozen
 class Route:
+    """
+    One ``(method, template)`` entry and what the boundary and the OpenAPI
+    document need to know of it.
+
+    @ivar public: served without credentials.
+    @ivar action: the policy action the HTTP boundary checks (``None``:
+        authentication only; routes that dispatch commands are decided by
+        the dispatcher's policy middleware on the command itself).
+    @ivar resource: the policy resource from the path parameters.
+    @ivar csrf: a session-authenticated request needs the CSRF token
+        (unsafe methods only).
+    @ivar body: the JSON schema of the request body; the router reads and
+        validates it and passes it to the handler as ``body=``.
+    @ivar query: name → JSON schema of the query parameters; validated
+        values are passed as ``query=``.
+    @ivar params: name → JSON schema of the path parameters.
+    @ivar responses: status → (content type, JSON schema) of success answers.
+    @ivar errors: the error statuses this route may answer (documented).
+    """
+
     method: str
     template: str
     regex: re.Pattern[str]
     handler: Callable[..., Any]
     name: str
+    public: bool = False
+    action: str | None = None
+    resource: Callable[[Mapping[str, str]], str] | None = None
+    csrf: bool = True
+    body: Mapping[str, Any] | None = None
+    query: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    params: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    responses: Mapping[int, tuple[str, Mapping[str, Any]]] = attrs.field(factory=dict)
+    errors: tuple[int, ...] = ()
+    summary: str = ""
+    tags: tuple[str, ...] = ()
+    stream: bool = False
 
 
 class Router(Resource):
@@ -108,6 +164,13 @@ class Router(Resource):
     ``/api/v1/jobs/{job_id}`` matches one path segment per parameter.
     Unknown paths answer 404 and known paths with another method 405 (with
     ``Allow``), both as problem+json.
+
+    Per request, in order: match the route; refuse a body over
+    ``max_body`` (413); run ``guard(request, route, params)`` (the API's
+    authentication and policy; it raises a typed error to refuse);
+    validate path and query parameters and the JSON body against the
+    route's schemas (400, before any command is built); call the handler.
+    Without a ``guard`` every route is open (tests, benchmarks).
     """
 
     isLeaf = True
@@ -117,35 +180,62 @@ class Router(Resource):
         max_body: int = 1 << 20,
         observe: Callable[[str, str, int, float], None] | None = None,
         clock: Any = None,
+        guard: Callable[[Request, Route, Mapping[str, str]], None] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._routes: list[Route] = []
+        #: ``(method, path)`` of parameterless routes: the fast path.
+        self._static: dict[tuple[str, str], Route] = {}
         self.max_body = max_body
         #: ``observe(method, route template, status, seconds)`` after each response.
         self.observe = observe
         self.clock = clock
+        self.guard = guard
 
-    def route(self, method: str, template: str, name: str | None = None) -> Callable[..., Any]:
-        """Decorator registering ``handler(request, **params)``."""
+    def route(
+        self, method: str, template: str, name: str | None = None, **meta: Any
+    ) -> Callable[..., Any]:
+        """Decorator registering ``handler(request, **params)``; ``meta``: see :class:`Route`."""
 
         def register(handler: Callable[..., Any]) -> Callable[..., Any]:
-            self.add(method, template, handler, name)
+            self.add(method, template, handler, name, **meta)
             return handler
 
         return register
 
     def add(
-        self, method: str, template: str, handler: Callable[..., Any], name: str | None = None
-    ) -> None:
-        pattern = "^" + _PARAM.sub(r"(?P<\1>[^/]+)", re.escape(template).replace(r"\{", "{").replace(r"\}", "}")) + "/?$"
-        self._routes.append(
-            Route(method.upper(), template, re.compile(pattern), handler, name or template)
-        )
+        self,
+        method: str,
+        template: str,
+        handler: Callable[..., Any],
+        name: str | None = None,
+        **meta: Any,
+    ) -> Route:
+        method = method.upper()
+        if any(r.method == method and r.template == template for r in self._routes):
+            raise ValueError(f"route {method} {template} is already registered")
+        escaped = re.escape(template).replace(r"\{", "{").replace(r"\}", "}")
+        pattern = "^" + _PARAM.sub(r"(?P<\1>[^/]+)", escaped) + "/?$"
+        route = Route(method, template, re.compile(pattern), handler, name or template, **meta)
+        self._routes.append(route)
+        if not _PARAM.search(template):
+            self._static[(method, template)] = route
+            self._static.setdefault((method, template + "/"), route)
+        return route
 
     def routes(self) -> list[tuple[str, str]]:
         return [(r.method, r.template) for r in self._routes]
 
+    def all_routes(self) -> list[Route]:
+        """Every route, in registration order (the OpenAPI builder reads them)."""
+        return list(self._routes)
+
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        static = self._static.get((method, path))
+        if static is None and method == "HEAD":
+            static = self._static.get(("GET", path))
+        if static is not None:
+            return static, {}
         allowed: list[str] = []
         for r in self._routes:
             m = r.regex.match(path)
@@ -167,17 +257,34 @@ class Router(Resource):
         try:
             route, params = self.match(method, path)
             request._piccolod_route = route.template  # type: ignore[attr-defined]
+            if getattr(request.content, "overflow", False):
+                raise TooLarge(f"request bodies are limited to {self.max_body} bytes")
             length = request.getHeader(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 raise TooLarge(f"request bodies are limited to {self.max_body} bytes")
+            if self.guard is not None:
+                self.guard(request, route, params)
+            kwargs: dict[str, Any] = dict(params)
+            if route.params:
+                _check_params(route, params)
+            if route.query:
+                kwargs["query"] = _parse_query(route, request)
+            if route.body is not None:
+                value = read_json(request, self.max_body)
+                errors = validate(route.body, value, "body")
+                if errors:
+                    raise InvalidCommand(errors[0], errors=errors)
+                kwargs["body"] = value
         except PiccolodError as e:
             self._write(request, problem_response(e, path))
             return NOT_DONE_YET
-        d = call(route.handler, request, **params)
+        d = call(route.handler, request, **kwargs)
         finished = request.notifyFinish()
         finished.addErrback(lambda _f: d.cancel())
         d.addCallbacks(
-            lambda result: self._write(request, _as_response(result)),
+            lambda result: (
+                None if result is STREAMING else self._write(request, _as_response(result))
+            ),
             lambda f: self._fail(request, f, path),
         )
         return NOT_DONE_YET
@@ -203,8 +310,10 @@ class Router(Resource):
         request.setHeader(b"content-type", response.content_type)
         for name, value in SECURITY_HEADERS.items():
             request.setHeader(name, value)
-        for name, value in response.headers.items():
-            request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+        for header, text in response.headers.items():
+            request.setHeader(header.encode("latin-1"), text.encode("latin-1"))
+        for cookie in response.cookies:
+            request.responseHeaders.addRawHeader(b"set-cookie", cookie.encode("latin-1"))
         request.setHeader(b"content-length", str(len(body)).encode())
         if request.method != b"HEAD":
             request.write(body)
@@ -218,6 +327,55 @@ class Router(Resource):
                 response.status,
                 duration,
             )
+
+
+def _check_params(route: Route, params: Mapping[str, str]) -> None:
+    errors: list[str] = []
+    for name, schema in route.params.items():
+        if name in params:
+            errors.extend(validate(schema, params[name], name))
+    if errors:
+        raise InvalidCommand(errors[0], errors=errors)
+
+
+def _parse_query(route: Route, request: Request) -> dict[str, Any]:
+    """The route's query parameters, converted to their schema's type and validated."""
+    args: dict[bytes, list[bytes]] = request.args or {}
+    out: dict[str, Any] = {}
+    errors: list[str] = []
+    for name, schema in route.query.items():
+        raw = args.get(name.encode())
+        if not raw:
+            continue
+        if len(raw) > 1 and schema.get("type") != "array":
+            errors.append(f"query parameter {name} given more than once")
+            continue
+        try:
+            text = raw[0].decode("utf-8")
+        except UnicodeDecodeError:
+            errors.append(f"query parameter {name} is not UTF-8")
+            continue
+        value: Any = text
+        kind = schema.get("type")
+        if kind == "integer":
+            try:
+                value = int(text)
+            except ValueError:
+                errors.append(f"query parameter {name} must be an integer")
+                continue
+        elif kind == "boolean":
+            if text not in ("true", "false"):
+                errors.append(f"query parameter {name} must be true or false")
+                continue
+            value = text == "true"
+        found = validate(schema, value, f"query parameter {name}")
+        if found:
+            errors.extend(found)
+            continue
+        out[name] = value
+    if errors:
+        raise InvalidCommand(errors[0], errors=errors)
+    return out
 
 
 def _as_response(result: Any) -> JSONResponse | RawResponse:
@@ -239,6 +397,44 @@ def _default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+class LimitedBuffer(io.BytesIO):
+    """
+    A request body buffer that keeps at most ``limit`` bytes: beyond that it
+    discards what arrives and sets ``overflow``, so that an oversized body
+    never fills memory or a temp file (the router answers 413).
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.overflow = False
+
+    def write(self, data: Any) -> int:
+        if self.overflow:
+            return len(data)
+        if self.tell() + len(data) > self.limit:
+            self.overflow = True
+            self.seek(0)
+            self.truncate()
+            return len(data)
+        return super().write(data)
+
+
+class APISite(Site):
+    """A ``Site`` whose request bodies go into :class:`LimitedBuffer` of ``max_body``."""
+
+    def __init__(self, resource: Resource, max_body: int = 1 << 20, **kw: Any) -> None:
+        super().__init__(resource, **kw)  # type: ignore[no-untyped-call]
+        self.max_body = max_body
+        self.displayTracebacks = False
+
+    def getContentFile(self, length: int | None) -> LimitedBuffer:
+        buffer = LimitedBuffer(self.max_body)
+        if length is not None and length > self.max_body:
+            buffer.overflow = True
+        return buffer
+
+
 def read_json(request: Request, max_body: int = 1 << 20) -> Any:
     """
     The request's JSON body; raises ``TooLarge`` past ``max_body`` and
@@ -258,9 +454,14 @@ def read_json(request: Request, max_body: int = 1 << 20) -> Any:
 
 
 __all__ = [
+    "SAFE_METHODS",
+    "STREAMING",
+    "APISite",
     "JSONResponse",
+    "LimitedBuffer",
     "MethodNotAllowed",
     "RawResponse",
+    "Route",
     "Router",
     "problem_response",
     "read_json",
