@@ -18,3 +18,24 @@ singleNode = SubsystemPlugin(
     config_keys={"resources": []},  # type: ignore[dict-item]
     default=True,
 )
+
+etcd = SubsystemPlugin(
+    slot="consensus",
+    variant="etcd",
+    description=(
+        "Leadership per resource on an etcd cluster (lease + create-if-absent on its JSON "
+        "gateway), fenced by the leader key's create revision"
+    ),
+    factory="piccolod.consensus.etcd.EtcdConsensus.from_context",
+    provides=(IConsensus,),
+    requires=(),
+    config_keys={
+        "endpoints": ["http://127.0.0.1:2379"],
+        "prefix": "/piccolod",
+        "ttl": 5,
+        "renew_deadline": 3.0,
+        "retry_period": 0.5,
+        "request_timeout": 1.0,
+        "resources": [],
+    },
+)
