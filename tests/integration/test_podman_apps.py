@@ -23,6 +23,7 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -55,7 +56,10 @@ NODE = "node-e2e"
 APP = """
 name: blog
 image: {image}
-command: ["/bin/sh", "-c", "test -f /data/stamp || date > /data/stamp; exec httpd -f -p 8080 -h /data"]
+command:
+  - /bin/sh
+  - -c
+  - test -f /data/stamp || date > /data/stamp; exec httpd -f -p 8080 -h /data
 listeners:
   - name: web
     guest_port: 8080
@@ -239,7 +243,7 @@ class PodmanEndToEndTests(SynchronousTestCase):
         node.lock(LockState.LOCKED)
         poll(lambda: self.state() == "locked", "the app to be locked")
         self.assertIsNone(node.public_port())
-        self.assertRaises(Exception, get, port, "/stamp")
+        self.assertRaises(ConnectionRefusedError, get, port, "/stamp")
         self.assertEqual([c["State"] for c in self.containers()], ["exited"])
 
         # unlock: reachable again on the same port, data intact
