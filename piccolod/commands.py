@@ -1072,3 +1072,528 @@ class VerifyPassword(_Redacted, Command):
     name: ClassVar[str] = "persistence.verify_password"
     timeout: ClassVar[float | None] = 120.0
     password: str = attrs.field(repr=False, validator=_secret)
+
+
+# --------------------------------------------------------------------------
+# Remote commands
+#
+# ``remote.*`` are handled by the remote subsystem.  Every one but
+# ``remote.acme_challenge`` needs unlocked storage (the remote configuration
+# and its secrets live in the control store), so the lock gate answers them
+# with ``Locked`` (HTTP 423) while locked; writes need the control-plane
+# leadership.  ``store.remote.*`` are the remote subsystem's access to its
+# record in the control store (the persistence subsystem answers them from
+# its remote repository: ``get``/``save``/``clear``); the record holds the
+# device key, the ACME account key and the certificates, so those commands
+# and their results keep it out of ``repr`` and ``to_json()``.
+
+REMOTE_RESOURCE = "remote"
+MAX_REMOTE_HOSTNAME = 253
+_HOST_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+def is_remote_hostname(value: Any) -> bool:
+    """A lowercase DNS name of at least two labels (``portal.example.net``)."""
+    if not isinstance(value, str) or not 3 <= len(value) <= MAX_REMOTE_HOSTNAME:
+        return False
+    labels = value.split(".")
+    return len(labels) >= 2 and all(
+        1 <= len(label) <= 63
+        and _HOST_LABEL_CHARS.issuperset(label)
+        and label[0] != "-"
+        and label[-1] != "-"
+        for label in labels
+    )
+
+
+def _remote_hostname(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not is_remote_hostname(value):
+        raise InvalidCommand(
+            f"{attribute.name} must be a lowercase DNS name with at least two labels"
+        )
+
+
+def _optional_remote_hostname(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value != "":
+        _remote_hostname(inst, attribute, value)
+
+
+def _port(minimum: int) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    def _validate(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= 65535:
+            raise InvalidCommand(f"{attribute.name} must be an integer in [{minimum}, 65535]")
+
+    return _validate
+
+
+def _optional_port(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _port(0)(inst, attribute, value)
+
+
+def _positive_seconds(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value <= 86400 * 366  # also refuses NaN
+    ):
+        raise InvalidCommand(f"{attribute.name} must be a number of seconds > 0")
+
+
+def _remote_name(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """attrs validator: a tunnel name, ``^[a-z0-9][a-z0-9-]{0,31}$``."""
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= 32
+        or value[0] not in _VOLUME_ID_FIRST
+        or not _HOST_LABEL_CHARS.issuperset(value)
+    ):
+        raise InvalidCommand(f"{attribute.name} must match ^[a-z0-9][a-z0-9-]{{0,31}}$")
+
+
+def _listener_name(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= 63
+        or any(c in "/ \t\r\n" for c in value)
+    ):
+        raise InvalidCommand(f"{attribute.name} must be 1-63 characters without '/' or spaces")
+
+
+def remote_target_error(value: Any) -> str | None:
+    """Why ``value`` is not a route target (``portal`` or ``<app>/<listener>``), else None."""
+    if value == "portal":
+        return None
+    if not isinstance(value, str) or value.count("/") != 1:
+        return "target must be 'portal' or '<app>/<listener>'"
+    app, listener = value.split("/")
+    try:
+        _app_name(None, _TARGET_APP, app)
+        _listener_name(None, _TARGET_LISTENER, listener)
+    except InvalidCommand as e:
+        return f"target {value!r}: {e.detail}"
+    return None
+
+
+def _remote_target(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    error = remote_target_error(value)
+    if error is not None:
+        raise InvalidCommand(f"{attribute.name}: {error}")
+
+
+def _host_key(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """attrs validator: ``""`` or an OpenSSH SHA256 fingerprint (``SHA256:`` + 43 base64)."""
+    if value == "":
+        return
+    body = value[7:] if isinstance(value, str) and value.startswith("SHA256:") else ""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    if len(body) != 43 or any(c not in alphabet for c in body):
+        raise InvalidCommand(
+            f"{attribute.name} must be an OpenSSH fingerprint 'SHA256:<43 base64 characters>'"
+        )
+
+
+def _ssh_host(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= MAX_REMOTE_HOSTNAME
+        or any(c.isspace() or c in "/@[]" for c in value)
+    ):
+        raise InvalidCommand(f"{attribute.name} must be a host name or IP address")
+
+
+def _ssh_user(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= 64
+        or any(c.isspace() or c in "@:/" for c in value)
+    ):
+        raise InvalidCommand(f"{attribute.name} must be a user name (1-64, no spaces, '@', ':')")
+
+
+def _https_url(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not value.startswith("https://") or len(value) > 2048:
+        raise InvalidCommand(f"{attribute.name} must be an https:// URL")
+
+
+def _bounded_text(limit: int) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    def _validate(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not isinstance(value, str) or len(value) > limit or "\n" in value:
+            raise InvalidCommand(f"{attribute.name} must be one line of at most {limit}")
+
+    return _validate
+
+
+class _Named:
+    """Stands in for an ``attrs.Attribute`` when a validator checks a part of a value."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+_TARGET_APP: Any = _Named("app")
+_TARGET_LISTENER: Any = _Named("listener")
+
+
+@attrs.frozen
+class RemoteTunnelConfig:
+    """
+    One SSH server carrying the reverse tunnel.
+
+    @ivar name: names the tunnel in status and health (``remote.tunnel.<name>``).
+    @ivar host_key: the server's pinned host key fingerprint (OpenSSH
+        ``SHA256:...`` without padding); ``""`` pins the key seen on the
+        first connection.  A connection presenting another key is refused
+        and not retried.
+    @ivar bind_host: the server-side address every forward listens on.
+    @ivar keepalive_interval: seconds between keepalive requests;
+        ``keepalive_timeout``: seconds without an answer before the
+        connection is dropped and re-established.
+    """
+
+    host: str = attrs.field(validator=_ssh_host)
+    user: str = attrs.field(validator=_ssh_user)
+    port: int = attrs.field(default=22, validator=_port(1))
+    name: str = attrs.field(default="default", validator=_remote_name)
+    host_key: str = attrs.field(default="", validator=_host_key)
+    bind_host: str = attrs.field(default="127.0.0.1", validator=_ssh_host)
+    keepalive_interval: float = attrs.field(default=15.0, validator=_positive_seconds)
+    keepalive_timeout: float = attrs.field(default=45.0, validator=_positive_seconds)
+
+
+@attrs.frozen
+class RemoteExposure:
+    """
+    An app listener made reachable from the tunnel servers.
+
+    @ivar remote_port: the server-side port (``0``: the server picks one;
+        ``remote.status`` shows it).
+    @ivar hostname: a TLS name for the listener (certificate and SNI
+        route), ``""`` for none.
+    """
+
+    app: str = attrs.field(validator=_app_name)
+    listener: str = attrs.field(validator=_listener_name)
+    remote_port: int = attrs.field(default=0, validator=_port(0))
+    hostname: str = attrs.field(default="", validator=_optional_remote_hostname)
+
+    @property
+    def target(self) -> str:
+        return f"{self.app}/{self.listener}"
+
+
+@attrs.frozen
+class RemoteAcmeConfig:
+    """
+    Where certificates come from (ACME, HTTP-01).
+
+    @ivar ca_bundle: a CA bundle file trusting the directory's own TLS
+        certificate (a private or test ACME server); ``""``: the system's.
+    @ivar renew_before_days: renew when a certificate expires sooner.
+    """
+
+    directory_url: str = attrs.field(validator=_https_url)
+    email: str = attrs.field(default="", validator=_bounded_text(254))
+    ca_bundle: str = attrs.field(default="", validator=_bounded_text(4096))
+    renew_before_days: float = attrs.field(default=30.0, validator=_positive_seconds)
+
+
+def _unique(values: list[Any], what: str) -> None:
+    seen: set[Any] = set()
+    for value in values:
+        check(value not in seen, f"{what} {value!r} is given twice")
+        seen.add(value)
+
+
+@attrs.frozen(kw_only=True)
+class ConfigureRemote(Command):
+    """
+    Enable remote access with this configuration (it replaces the previous
+    one; aliases, pinned host keys of unchanged servers, the device key and
+    certificates are kept).  Only what changed is restarted.
+
+    @ivar portal_port: the server-side port of the portal (0: server picks).
+    @ivar https_port: the server-side port forwarded to the TLS terminator
+        (SNI routes to the portal and listeners by hostname); ``None``: no
+        TLS forward.
+    """
+
+    name: ClassVar[str] = "remote.configure"
+    requires_unlocked: ClassVar[bool] = True
+    timeout: ClassVar[float | None] = 60.0
+    tunnels: tuple[RemoteTunnelConfig, ...] = ()
+    portal_hostname: str = attrs.field(default="", validator=_optional_remote_hostname)
+    expose_portal: bool = attrs.field(default=True, validator=_boolean)
+    portal_port: int = attrs.field(default=0, validator=_port(0))
+    https_port: int | None = attrs.field(default=None, validator=_optional_port)
+    expose: tuple[RemoteExposure, ...] = ()
+    acme: RemoteAcmeConfig | None = None
+
+    def __attrs_post_init__(self) -> None:
+        check(
+            isinstance(self.tunnels, tuple)
+            and all(isinstance(t, RemoteTunnelConfig) for t in self.tunnels),
+            "tunnels must be a list of tunnel configurations",
+        )
+        check(
+            isinstance(self.expose, tuple)
+            and all(isinstance(e, RemoteExposure) for e in self.expose),
+            "expose must be a list of exposures",
+        )
+        check(
+            self.acme is None or isinstance(self.acme, RemoteAcmeConfig),
+            "acme must be an ACME configuration or null",
+        )
+        check(len(self.tunnels) <= 8, "at most 8 tunnels")
+        check(len(self.expose) <= 256, "at most 256 exposures")
+        _unique([t.name for t in self.tunnels], "tunnel name")
+        _unique([e.target for e in self.expose], "exposure")
+        ports = [p for p in (self.portal_port, self.https_port) if p]
+        ports += [e.remote_port for e in self.expose if e.remote_port]
+        _unique(ports, "remote port")
+        hostnames = [self.portal_hostname] if self.portal_hostname else []
+        hostnames += [e.hostname for e in self.expose if e.hostname]
+        _unique(hostnames, "hostname")
+
+    def leader_resource(self) -> str | None:
+        return CONTROL_PLANE_RESOURCE
+
+    def resource(self) -> str:
+        return REMOTE_RESOURCE
+
+
+@attrs.frozen
+class DisableRemote(Command):
+    """Stop every tunnel and the TLS terminator; the configuration is kept."""
+
+    name: ClassVar[str] = "remote.disable"
+    requires_unlocked: ClassVar[bool] = True
+    timeout: ClassVar[float | None] = 60.0
+
+    def leader_resource(self) -> str | None:
+        return CONTROL_PLANE_RESOURCE
+
+    def resource(self) -> str:
+        return REMOTE_RESOURCE
+
+
+@attrs.frozen
+class GetRemoteStatus(Command):
+    """The configuration (no secret), routes, tunnels and certificates."""
+
+    name: ClassVar[str] = "remote.status"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+
+    def resource(self) -> str:
+        return REMOTE_RESOURCE
+
+
+@attrs.frozen
+class AddRemoteAlias(Command):
+    """Route ``hostname`` (TLS, with its own certificate) to ``target``."""
+
+    name: ClassVar[str] = "remote.aliases.add"
+    requires_unlocked: ClassVar[bool] = True
+    timeout: ClassVar[float | None] = 60.0
+    hostname: str = attrs.field(validator=_remote_hostname)
+    target: str = attrs.field(default="portal", validator=_remote_target)
+
+    def leader_resource(self) -> str | None:
+        return CONTROL_PLANE_RESOURCE
+
+    def resource(self) -> str:
+        return f"{REMOTE_RESOURCE}:{self.hostname}"
+
+
+@attrs.frozen
+class RemoveRemoteAlias(Command):
+    """Forget an alias (and its certificate); fails with ``NotFound``."""
+
+    name: ClassVar[str] = "remote.aliases.remove"
+    requires_unlocked: ClassVar[bool] = True
+    timeout: ClassVar[float | None] = 60.0
+    hostname: str = attrs.field(validator=_remote_hostname)
+
+    def leader_resource(self) -> str | None:
+        return CONTROL_PLANE_RESOURCE
+
+    def resource(self) -> str:
+        return f"{REMOTE_RESOURCE}:{self.hostname}"
+
+
+@attrs.frozen
+class ListRemoteAliases(Command):
+    name: ClassVar[str] = "remote.aliases.list"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+
+    def resource(self) -> str:
+        return REMOTE_RESOURCE
+
+
+@attrs.frozen
+class ListRemoteCertificates(Command):
+    name: ClassVar[str] = "remote.certificates.list"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+
+    def resource(self) -> str:
+        return REMOTE_RESOURCE
+
+
+@attrs.frozen
+class RenewRemoteCertificate(Command):
+    """
+    Issue or renew now the certificate of ``hostname`` (``""``: every
+    configured hostname), whatever its expiry; runs as ``acme`` jobs.
+    """
+
+    name: ClassVar[str] = "remote.certificates.renew"
+    requires_unlocked: ClassVar[bool] = True
+    hostname: str = attrs.field(default="", validator=_optional_remote_hostname)
+
+    def leader_resource(self) -> str | None:
+        return CONTROL_PLANE_RESOURCE
+
+    def resource(self) -> str:
+        return f"{REMOTE_RESOURCE}:{self.hostname}" if self.hostname else REMOTE_RESOURCE
+
+
+@attrs.frozen
+class RotateRemoteDeviceKey(Command):
+    """
+    Replace the device key the tunnels authenticate with; the tunnels
+    reconnect with the new one (add its public key on the servers first).
+    """
+
+    name: ClassVar[str] = "remote.rotate_device_key"
+    requires_unlocked: ClassVar[bool] = True
+    timeout: ClassVar[float | None] = 60.0
+
+    def leader_resource(self) -> str | None:
+        return CONTROL_PLANE_RESOURCE
+
+    def resource(self) -> str:
+        return REMOTE_RESOURCE
+
+
+@attrs.frozen
+class GetAcmeChallenge(Command):
+    """
+    The key authorization of a pending HTTP-01 challenge, for
+    ``/.well-known/acme-challenge/{token}`` (public by the protocol);
+    fails with ``NotFound``.
+    """
+
+    name: ClassVar[str] = "remote.acme_challenge"
+    audit: ClassVar[bool] = False
+    token: str = attrs.field(validator=_bounded_text(256))
+
+    def __attrs_post_init__(self) -> None:
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        check(
+            bool(self.token) and all(c in alphabet for c in self.token),
+            "token must be base64url characters",
+        )
+
+    def resource(self) -> str:
+        return REMOTE_RESOURCE
+
+
+@attrs.frozen
+class RemoteStatus(Result):
+    """
+    What ``remote.status`` and the remote writes answer.
+
+    @ivar state: ``unconfigured``, ``disabled``, ``active`` (every tunnel
+        up, every route served), ``degraded`` or ``error``.
+    @ivar device_public_key: the OpenSSH public key the servers must
+        authorise (``""`` before the first configuration).
+    @ivar config: the configuration without secrets (``ConfigureRemote``
+        fields; ``host_key`` shows the pinned fingerprints).
+    @ivar routes: per exposed target: mode (``local``, ``leader``,
+        ``unavailable``), where it goes, its hostnames and server ports.
+    """
+
+    state: str
+    enabled: bool = False
+    revision: int = 0
+    device_public_key: str = ""
+    config: dict[str, Any] = attrs.field(factory=dict)
+    aliases: tuple[dict[str, Any], ...] = ()
+    routes: tuple[dict[str, Any], ...] = ()
+    tunnels: tuple[dict[str, Any], ...] = ()
+    certificates: tuple[dict[str, Any], ...] = ()
+    tls_port: int | None = None
+
+
+@attrs.frozen
+class RemoteAliases(Result):
+    aliases: tuple[dict[str, Any], ...] = ()
+
+
+@attrs.frozen
+class RemoteCertificates(Result):
+    """One dict per hostname: state, expiry, issuer, last error, job id."""
+
+    certificates: tuple[dict[str, Any], ...] = ()
+
+
+@attrs.frozen
+class RemoteJobsStarted(Result):
+    """The ids of the ``acme`` jobs that were submitted."""
+
+    job_ids: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class AcmeChallengeAnswer(Result):
+    token: str
+    key_authorization: str
+
+
+@attrs.frozen
+class StoreLoadRemote(Command):
+    """
+    The remote subsystem's record (configuration and secrets) from the
+    control store's remote repository; fails with ``NotFound`` when none
+    is stored.  (Not named ``*.get``: read-only roles must not reach it.)
+    """
+
+    name: ClassVar[str] = "store.remote.load"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+
+
+@attrs.frozen
+class StoreSaveRemote(Command):
+    """Replace the remote record in one transaction (one revision)."""
+
+    name: ClassVar[str] = "store.remote.save"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+    record: dict[str, Any] = attrs.field(factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"record": REDACTED}
+
+
+@attrs.frozen
+class StoreClearRemote(Command):
+    """Remove the remote record (idempotent)."""
+
+    name: ClassVar[str] = "store.remote.clear"
+    requires_unlocked: ClassVar[bool] = True
+    audit: ClassVar[bool] = False
+
+
+@attrs.frozen
+class StoredRemote(Result):
+    """The remote record as stored (secrets inside: never shown)."""
+
+    record: dict[str, Any] = attrs.field(factory=dict, repr=False)
+    updated_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"record": REDACTED, "updated_at": self.updated_at}

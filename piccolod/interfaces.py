@@ -1436,3 +1436,167 @@ __all__ = [
     "Unavailable",
     "UnknownCommand",
 ]
+
+
+# ==========================================================================
+# Remote access (the remote subsystem): tunnels and the remote manager
+
+
+@attrs.frozen
+class TunnelForward:
+    """
+    One reverse forward: the tunnel server listens on ``bind_host:bind_port``
+    (``0``: it picks a port) and every connection to it is spliced to
+    ``target_host:target_port`` from this node.
+
+    @ivar name: what is forwarded (``portal``, ``https``, ``app:<a>/<l>``).
+    """
+
+    name: str
+    bind_host: str = "127.0.0.1"
+    bind_port: int = 0
+    target_host: str = "127.0.0.1"
+    target_port: int = 0
+
+    @property
+    def binding(self) -> tuple[str, int]:
+        """What identifies the forward on the server (a new target keeps it)."""
+        return (self.bind_host, self.bind_port)
+
+
+@attrs.frozen
+class TunnelSpec:
+    """
+    One tunnel as wanted: a server, how to authenticate, what to forward.
+
+    @ivar private_key: the device key (OpenSSH private key format).
+    @ivar host_key: the pinned SHA256 fingerprint of the server's host key
+        (OpenSSH form, no padding); ``""`` accepts the first key seen and
+        keeps it for the life of the tunnel (reported in its status).
+    """
+
+    name: str
+    host: str
+    port: int
+    user: str
+    private_key: bytes = attrs.field(repr=False)
+    host_key: str = ""
+    forwards: tuple[TunnelForward, ...] = ()
+    keepalive_interval: float = 15.0
+    keepalive_timeout: float = 45.0
+
+    def connection_key(self) -> tuple[Any, ...]:
+        """The settings whose change needs a new connection (not the forwards)."""
+        return (
+            self.host,
+            self.port,
+            self.user,
+            self.private_key,
+            self.keepalive_interval,
+            self.keepalive_timeout,
+        )
+
+
+@attrs.frozen
+class ForwardStatus:
+    """
+    One forward's state: ``pending`` (asked for or waiting for the
+    connection), ``active`` (the server listens on ``bound_port``) or
+    ``refused`` (the server said no; asked again after a backoff).
+    """
+
+    name: str
+    bind_host: str
+    bind_port: int
+    state: str
+    bound_port: int = 0
+    target_host: str = ""
+    target_port: int = 0
+    error: str = ""
+    connections: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class TunnelStatus:
+    """
+    One tunnel's state: ``connecting``, ``up``, ``backoff`` (waiting to
+    reconnect), ``refused`` (host key mismatch: not retried until the
+    tunnel is reconfigured) or ``stopped``.
+
+    @ivar host_key: the fingerprint of the host key accepted on the
+        current or last connection (``""`` before the first).
+    @ivar attempts: connection attempts that failed since the last success.
+    @ivar since: clock time of the last state change.
+    """
+
+    name: str
+    state: str
+    host: str = ""
+    port: int = 0
+    host_key: str = ""
+    forwards: tuple[ForwardStatus, ...] = ()
+    attempts: int = 0
+    last_error: str = ""
+    since: float = 0.0
+    connected_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = attrs.asdict(self, recurse=False)
+        out["forwards"] = [f.to_json() for f in self.forwards]
+        return out
+
+
+class ITunnel(Interface):
+    """
+    A tunnel adapter of the remote subsystem (``stub``, ``ssh``): makes
+    this node's routes reachable from tunnel servers.  Each tunnel reports
+    its health as component ``remote.tunnel.<name>``.
+    """
+
+    kind: str = Attribute("The adapter's name (``stub``, ``ssh``).")
+
+    def apply(specs: Sequence[TunnelSpec]) -> None:
+        """
+        Converge to exactly ``specs`` (by name), in the background: start
+        new tunnels, stop removed ones, reconnect only those whose
+        ``connection_key()`` or pinned host key changed, and add, cancel or
+        retarget forwards of the others on their live connection.  Raises
+        ``InvalidCommand`` for duplicate names or forwards.
+        """
+
+    def status() -> Sequence[TunnelStatus]:
+        """Every tunnel's status, sorted by name."""
+
+    def watch(observer: Callable[[TunnelStatus], None]) -> Callable[[], None]:
+        """
+        Call ``observer`` with a tunnel's status whenever it changes (state,
+        host key, a forward's state or port); returns a function that stops
+        the watching (idempotent).
+        """
+
+
+class IRemoteManager(Interface):
+    """
+    The remote subsystem's manager: remote access configuration (in the
+    control store), the route table by leadership, tunnels, certificates
+    (ACME) and TLS termination.  Driven by the ``remote.*`` commands.
+    """
+
+    def routes() -> Sequence[Mapping[str, Any]]:
+        """The current route table (JSON-ready), sorted by target; empty while locked."""
+
+    def challenge(token: str) -> str | None:
+        """The key authorization of a pending HTTP-01 challenge, or ``None``."""
+
+
+__all__ += [
+    "ForwardStatus",
+    "IRemoteManager",
+    "ITunnel",
+    "TunnelForward",
+    "TunnelSpec",
+    "TunnelStatus",
+]
