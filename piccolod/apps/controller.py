@@ -44,6 +44,7 @@ among 1.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import random
@@ -212,11 +213,16 @@ class AppReconciler:
     #: Called with an app name whenever it should be reconciled again
     #: (set by the service to ``controller.enqueue``).
     enqueue: Callable[[str], None] = attrs.field(default=lambda app: None)
+    #: Called after any app's status changed state (set by the service).
+    on_change: Callable[[], None] = attrs.field(default=lambda: None)
 
     store: StoreClient = attrs.field(init=False)
     desired: dict[str, StoredApp] | None = attrs.field(init=False, default=None)
     unlocked: bool = attrs.field(init=False, default=False)
     statuses: dict[str, AppStatus] = attrs.field(init=False, factory=dict)
+    #: How many apps are in each state, and which are in error.
+    counts: collections.Counter[str] = attrs.field(init=False, factory=collections.Counter)
+    errors: set[str] = attrs.field(init=False, factory=set)
     _cache: dict[str, _Cache] = attrs.field(init=False, factory=dict)
     _crash: dict[str, _Crash] = attrs.field(init=False, factory=dict)
     _health: dict[str, _Health] = attrs.field(init=False, factory=dict)
@@ -314,7 +320,11 @@ class AppReconciler:
             self._cache.pop(app, None)
             self._crash.pop(app, None)
             self._health.pop(app, None)
-            if self.statuses.pop(app, None) is not None:
+            gone = self.statuses.pop(app, None)
+            if gone is not None:
+                self.counts[gone.state] -= 1
+                self.errors.discard(app)
+                self.on_change()
                 self._publish(AppStatus(name=app, state="removed"))
             return None
         cache = self._cache_for(record)
@@ -773,6 +783,15 @@ class AppReconciler:
 
     def _store_status(self, old: AppStatus | None, new: AppStatus) -> None:
         self.statuses[new.name] = new
+        if old is None or old.state != new.state:
+            if old is not None:
+                self.counts[old.state] -= 1
+            self.counts[new.state] += 1
+            if new.state == ERROR:
+                self.errors.add(new.name)
+            else:
+                self.errors.discard(new.name)
+            self.on_change()
         changed = (
             old is None
             or old.state != new.state

@@ -140,6 +140,7 @@ class AppsService(Service):
     _subscriptions: list[ISubscription] = attrs.field(init=False, factory=list)
     _unwatch: Any = attrs.field(init=False, default=None)
     _registered: list[type[Command]] = attrs.field(init=False, factory=list)
+    _report_call: Any = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self.reconciler = AppReconciler(
@@ -165,6 +166,7 @@ class AppsService(Service):
             backoff=Backoff(initial=0.5, maximum=300.0, factor=2.0, jitter=0.1),
         )
         self.reconciler.enqueue = self.controller.enqueue
+        self.reconciler.on_change = self._report_soon
 
     @classmethod
     def from_context(cls, ctx: Any) -> AppsService:
@@ -263,6 +265,9 @@ class AppsService(Service):
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
+        if self._report_call is not None and self._report_call.active():
+            self._report_call.cancel()
+        self._report_call = None
         stopped: Deferred[None] = self.controller.stopService()
         return stopped
 
@@ -320,13 +325,19 @@ class AppsService(Service):
         if event.action == "die":
             self._report()
 
+    def _report_soon(self) -> None:
+        # At most one health report per reactor turn, however many apps changed.
+        if self._report_call is None or not self._report_call.active():
+            self._report_call = self.clock.callLater(0, self._report)
+
     def _report(self) -> None:
+        self._report_call = None
         if self.health is None:
             return
-        statuses = list(self.reconciler.statuses.values())
-        errors = sorted(s.name for s in statuses if s.state == "error")
-        running = sum(1 for s in statuses if s.state == RUNNING)
-        figures = {"apps": float(len(statuses)), "running": float(running)}
+        total = len(self.reconciler.statuses)
+        errors = sorted(self.reconciler.errors)
+        running = self.reconciler.counts[RUNNING]
+        figures = {"apps": float(total), "running": float(running)}
         if errors:
             self.health.report(
                 HEALTH, HealthLevel.WARN, f"apps in error: {', '.join(errors[:10])}", figures
@@ -337,7 +348,7 @@ class AppsService(Service):
             self.health.report(
                 HEALTH,
                 HealthLevel.OK,
-                f"{running} of {len(statuses)} apps running ({self.runtime.kind})",
+                f"{running} of {total} apps running ({self.runtime.kind})",
                 figures,
             )
 
