@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.apiclient import APIClient
 from tests.integration.support import TWISTD, Daemon
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,13 @@ def test_serves_every_kernel_endpoint_and_stops_cleanly(daemon_factory, reactor)
     code, _, body = d.get("/api/v1/health/live")
     assert (code, body["status"]) == (200, "ok")
 
-    code, _, body = d.get("/api/v1/health/detail")
+    # Everything but health/live and health/ready needs credentials: set up the admin.
+    assert d.get("/api/v1/health/detail")[0] == 401
+    admin = APIClient(d.url)
+    admin.setup()
+
+    reply = admin.get("/api/v1/health/detail")
+    code, body = reply.status, reply.body
     assert code == 200
     assert body["ready"] is True and body["overall"] == "ok"
     subsystems = body["subsystems"]
@@ -50,14 +57,16 @@ def test_serves_every_kernel_endpoint_and_stops_cleanly(daemon_factory, reactor)
     children = {c["name"]: c["state"] for c in body["children"]}
     assert children == {name: "running" for name in [*subsystems, "leadership-observer"]}
 
-    code, _, body = d.get("/api/v1/leadership")
+    reply = admin.get("/api/v1/leadership")
+    code, body = reply.status, reply.body
     assert code == 200
     roles = {r["resource"]: r for r in body["resources"]}
     assert roles["control-plane"]["role"] == "leader"
     assert roles["control-plane"]["leader_id"] == body["node_id"]
     assert roles["control-plane"]["term"] >= 1
 
-    code, _, body = d.get("/api/v1/supervisor")
+    reply = admin.get("/api/v1/supervisor")
+    code, body = reply.status, reply.body
     assert code == 200
     assert {c["name"] for c in body["children"]} == set(children)
     assert all(c["restarts"] == 0 and c["last_error"] is None for c in body["children"])
@@ -122,9 +131,11 @@ def test_drop_in_plugin_adds_a_variant_without_editing_piccolod(
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "drop"), str(root)])}
     d = daemon_factory("--use", "echo=loud", env=env)
     d.wait_ready()
-    code, _, body = d.get("/api/v1/supervisor")
+    admin = APIClient(d.url)
+    admin.setup()
+    body = admin.get("/api/v1/supervisor").body
     assert {c["name"]: c["state"] for c in body["children"]}["echo"] == "running"
-    assert d.get("/api/v1/health/detail")[2]["subsystems"]["echo"] == "loud"
+    assert admin.get("/api/v1/health/detail").body["subsystems"]["echo"] == "loud"
     assert d.stop() == 0
 
 
@@ -193,11 +204,15 @@ def test_tac_builds_the_same_tree(tmp_path: Path) -> None:
         plugin = Daemon(tmp_path / "plugin-state", (), None).start()
         try:
             plugin.wait_ready()
-            expected = plugin.get("/api/v1/health/detail")[2]["subsystems"]
+            admin = APIClient(plugin.url)
+            admin.setup()
+            expected = admin.get("/api/v1/health/detail").body["subsystems"]
             assert plugin.stop() == 0
         finally:
             plugin.kill()
-        detail = d.get("/api/v1/health/detail")[2]
+        admin = APIClient(d.url)
+        admin.setup()
+        detail = admin.get("/api/v1/health/detail").body
         assert detail["subsystems"] == expected
         assert all(c["state"] == "running" for c in detail["children"])
         assert d.stop() == 0, d.log()

@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
+from piccolod.api.http import JSONResponse, Router, read_json
 from piccolod.errors import (
     CommandTimeout,
     Locked,
@@ -17,7 +18,6 @@ from piccolod.errors import (
     PolicyDenied,
     RateLimited,
 )
-from piccolod.api.http import JSONResponse, Router, read_json
 
 
 def make_router() -> Router:
@@ -66,7 +66,8 @@ class RouterTests(SynchronousTestCase):
     def get(self, path: str, method: str = "GET", **kw: Any) -> tuple[int, dict[str, Any], Any]:
         response = self.successResultOf(self.treq.request(method, "http://x" + path, **kw))
         body = self.successResultOf(response.content())
-        headers = {k.decode().lower(): v[0].decode() for k, v in response.headers.getAllRawHeaders()}
+        raw = response.headers.getAllRawHeaders()
+        headers = {k.decode().lower(): v[0].decode() for k, v in raw}
         return response.code, headers, json.loads(body) if body else None
 
     def test_route_with_parameter(self) -> None:
@@ -154,7 +155,9 @@ class RouterTests(SynchronousTestCase):
     def test_malformed_json_and_wrong_type(self) -> None:
         """Malformed JSON and a non-JSON content type are 400 invalid."""
         code, _, body = self.get(
-            "/api/v1/things", method="POST", data=b"{nope",
+            "/api/v1/things",
+            method="POST",
+            data=b"{nope",
             headers={b"content-type": [b"application/json"]},
         )
         self.assertEqual((code, body["type"].rsplit("/", 1)[1]), (400, "invalid"))

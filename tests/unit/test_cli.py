@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -33,10 +32,16 @@ class CliTests(SynchronousTestCase):
         self.jobs = JobRunner(self.clock, bus)
         self.jobs.startService()
         self.kernel = Kernel(
-            reactor=self.clock, bus=bus, registry=registry,
-            dispatcher=CommandDispatcher(self.clock, bus, registry=registry), health=health,
-            supervisor=Supervisor(self.clock, bus, health), node_id="n1",
-            api_address="http://127.0.0.1:8080", state_dir=Path(self.mktemp()), jobs=self.jobs,
+            reactor=self.clock,
+            bus=bus,
+            registry=registry,
+            dispatcher=CommandDispatcher(self.clock, bus, registry=registry),
+            health=health,
+            supervisor=Supervisor(self.clock, bus, health),
+            node_id="n1",
+            api_address="http://127.0.0.1:8080",
+            state_dir=Path(self.mktemp()),
+            jobs=self.jobs,
         )
         registry.update("control-plane", Role.LEADER, 3)
         router = Router()
@@ -117,7 +122,9 @@ class HelperTests(SynchronousTestCase):
         state = Path(self.mktemp())
         state.mkdir()
         (state / "api.json").write_text('{"url": "http://127.0.0.1:4321"}')
-        self.assertEqual(discover_url("http://a/", str(state), {"PICCOLOD_URL": "http://b"}), "http://a")
+        self.assertEqual(
+            discover_url("http://a/", str(state), {"PICCOLOD_URL": "http://b"}), "http://a"
+        )
         self.assertEqual(discover_url(None, str(state), {"PICCOLOD_URL": "http://b"}), "http://b")
         self.assertEqual(discover_url(None, str(state), {}), "http://127.0.0.1:4321")
         self.assertEqual(discover_url(None, str(state / "none"), {}), "http://127.0.0.1:8080")
@@ -126,6 +133,3 @@ class HelperTests(SynchronousTestCase):
         """Progress bars clamp to 0..100 %."""
         self.assertEqual(progress_bar(2.0, width=4), "[####] 100%")
         self.assertEqual(progress_bar(-1.0, width=4), "[....]   0%")
-
-
-
