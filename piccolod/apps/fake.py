@@ -88,6 +88,8 @@ class FakeContainerRuntime(Service):
     calls: list[tuple[str, str]] = attrs.field(init=False, factory=list)
     _containers: dict[str, _Container] = attrs.field(init=False, factory=dict)
     _by_name: dict[str, str] = attrs.field(init=False, factory=dict)
+    #: (host ip, host port) -> id of the running container publishing it.
+    _bound: dict[tuple[str, int], str] = attrs.field(init=False, factory=dict)
     _by_app: dict[str, set[str]] = attrs.field(
         init=False, factory=lambda: collections.defaultdict(set)
     )
@@ -124,8 +126,7 @@ class FakeContainerRuntime(Service):
         c = self._find(container)
         if c.state is not ContainerState.RUNNING:
             raise Conflict(f"container {container} is not running")
-        c.state = ContainerState.EXITED
-        c.exit_code = exit_code
+        self._exited(c, exit_code)
         c.logs.append(f"killed ({exit_code})")
         self._emit("die", c)
 
@@ -210,17 +211,15 @@ class FakeContainerRuntime(Service):
             if c.state is ContainerState.RUNNING:
                 return
             for port in c.spec.ports:
-                for other in self._containers.values():
-                    if other is c or other.state is not ContainerState.RUNNING:
-                        continue
-                    if any(
-                        p.host_port == port.host_port and p.host_ip == port.host_ip
-                        for p in other.spec.ports
-                    ):
-                        raise Conflict(
-                            f"cannot publish {port.host_ip}:{port.host_port}: "
-                            f"address already in use by {other.spec.name}"
-                        )
+                holder = self._bound.get((port.host_ip, port.host_port))
+                if holder is not None and holder != c.id:
+                    other = self._containers[holder].spec.name
+                    raise Conflict(
+                        f"cannot publish {port.host_ip}:{port.host_port}: "
+                        f"address already in use by {other}"
+                    )
+            for port in c.spec.ports:
+                self._bound[(port.host_ip, port.host_port)] = c.id
             c.state = ContainerState.RUNNING
             c.exit_code = None
             c.logs.append("started")
@@ -233,8 +232,7 @@ class FakeContainerRuntime(Service):
             c = self._find(container)
             if c.state is not ContainerState.RUNNING:
                 return
-            c.state = ContainerState.EXITED
-            c.exit_code = 0
+            self._exited(c, 0)
             c.logs.append("stopped")
             self._emit("die", c)
             self._emit("stop", c)
@@ -247,6 +245,8 @@ class FakeContainerRuntime(Service):
                 c = self._find(container)
             except NotFound:
                 return
+            if c.state is ContainerState.RUNNING:
+                self._exited(c, 137)
             del self._containers[c.id]
             del self._by_name[c.spec.name]
             app = c.spec.labels.get(APP_LABEL)
@@ -289,6 +289,13 @@ class FakeContainerRuntime(Service):
             return succeed(fn())
         except Exception as e:
             return fail(e)
+
+    def _exited(self, c: _Container, exit_code: int) -> None:
+        c.state = ContainerState.EXITED
+        c.exit_code = exit_code
+        for port in c.spec.ports:
+            if self._bound.get((port.host_ip, port.host_port)) == c.id:
+                del self._bound[(port.host_ip, port.host_port)]
 
     def _find(self, container: str) -> _Container:
         found = self._containers.get(container)

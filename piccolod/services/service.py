@@ -134,6 +134,7 @@ class ServiceManager(Service):
     allocator: PortAllocator | None = None
     bind: str = "0.0.0.0"
     _routes: dict[tuple[str, str], _Route] = attrs.field(init=False, factory=dict)
+    _by_app: dict[str, set[tuple[str, str]]] = attrs.field(init=False, factory=dict)
     _subscription: ISubscription | None = attrs.field(init=False, default=None)
     _registered: list[type[Command]] = attrs.field(init=False, factory=list)
     _unlocked: bool = attrs.field(init=False, default=False)
@@ -245,7 +246,7 @@ class ServiceManager(Service):
         names = [listener.listener for listener in listeners]
         ports = await self.allocator.allocate(app, names)
         wanted = set(names)
-        for key in [k for k in self._routes if k[0] == app and k[1] not in wanted]:
+        for key in [k for k in self._app_keys(app) if k[1] not in wanted]:
             await self._close(key)
         result: list[RouteEntry] = []
         errors: list[str] = []
@@ -285,6 +286,7 @@ class ServiceManager(Service):
                     continue
                 self._failures.pop(f"{app}/{listener.listener}", None)
                 self._routes[key] = route
+                self._by_app.setdefault(app, set()).add(key)
                 self._publish(entry, listener)
                 self.log.info(
                     "services: {app}/{listener} on port {port} ({protocol}, {mode})",
@@ -304,10 +306,11 @@ class ServiceManager(Service):
         return result
 
     async def withdraw(self, app: str) -> None:
-        for key in [k for k in self._routes if k[0] == app]:
+        for key in sorted(self._app_keys(app)):
             await self._close(key)
-        for failed in [k for k in self._failures if k.startswith(app + "/")]:
-            del self._failures[failed]
+        if self._failures:
+            for failed in [k for k in self._failures if k.startswith(app + "/")]:
+                del self._failures[failed]
         self._report()
 
     def withdraw_all(self, reason: str) -> Deferred[None]:
@@ -323,6 +326,9 @@ class ServiceManager(Service):
             return succeed(None)
         return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
 
+    def _app_keys(self, app: str) -> set[tuple[str, str]]:
+        return set(self._by_app.get(app, ()))
+
     async def _listen(self, port: int, factory: _ProxyFactory) -> IListeningPort:
         endpoint_type = TCP6ServerEndpoint if ":" in self.bind else TCP4ServerEndpoint
         endpoint = endpoint_type(self.reactor, port, interface=self.bind)
@@ -333,6 +339,11 @@ class ServiceManager(Service):
         route = self._routes.pop(key, None)
         if route is None:
             return
+        keys = self._by_app.get(key[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_app[key[0]]
         route.factory.close_all()
         if route.port is not None:
             stopped = route.port.stopListening()
