@@ -81,6 +81,16 @@ class ProxyStats:
     backend_failures: int = 0
 
 
+def _no_delay(transport: Any) -> None:
+    """Disable Nagle: a proxy must not hold small writes back (40 ms stalls otherwise)."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
+
+
 def _endpoint(reactor: Any, host: str, port: int) -> Any:
     if ":" in host:
         return TCP6ClientEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
@@ -94,6 +104,7 @@ class _Backend(Protocol):
 
     def connectionMade(self) -> None:
         assert self.front is not None
+        _no_delay(self.transport)
         self.front.backend_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -135,6 +146,7 @@ class _Front(Protocol):
     def connectionMade(self) -> None:
         self.stats.connections += 1
         self.stats.active += 1
+        _no_delay(self.transport)
 
     def connect_backend(self) -> None:
         if self.backend is not None or self.connecting is not None:
