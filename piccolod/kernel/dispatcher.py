@@ -31,7 +31,7 @@ import itertools
 import random
 import secrets
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -90,6 +90,41 @@ _DEFAULT_CONTEXT = CommandContext()
 
 #: The retry backoff unless one is given: 50 ms doubling up to 2 s, ±20 %.
 DEFAULT_BACKOFF = Backoff(initial=0.05, maximum=2.0)
+
+
+@attrs.define(eq=False)
+class Registration:
+    """
+    Command handlers registered together by one service, removed together.
+
+    ``register_all(dispatcher, [(Cmd, handler), ...])`` registers every
+    handler or none: when one name is taken, those already registered are
+    removed again and ``DuplicateRegistration`` is raised.  Services call
+    :meth:`cancel` when they stop; it is idempotent.
+    """
+
+    dispatcher: ICommandDispatcher
+    command_types: list[type[Command]] = attrs.field(factory=list)
+
+    def cancel(self) -> None:
+        while self.command_types:
+            self.dispatcher.unregister(self.command_types.pop())
+
+
+def register_all(
+    dispatcher: ICommandDispatcher,
+    handlers: Iterable[tuple[type[Command], Callable[..., Any]]],
+) -> Registration:
+    """Register every handler or none; see :class:`Registration`."""
+    registration = Registration(dispatcher)
+    try:
+        for command_type, handler in handlers:
+            dispatcher.register(command_type, handler)
+            registration.command_types.append(command_type)
+    except BaseException:
+        registration.cancel()
+        raise
+    return registration
 
 
 def _failure(exception: BaseException | None = None) -> Failure:
@@ -1073,8 +1108,10 @@ __all__ = [
     "InvalidHandlerResult",
     "LeaderGate",
     "LockGate",
+    "Registration",
     "RetryMiddleware",
     "TimeoutMiddleware",
     "is_retryable",
     "outcome_of",
+    "register_all",
 ]

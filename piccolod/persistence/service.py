@@ -129,6 +129,7 @@ from piccolod.interfaces import (
     MaybeAsync,
 )
 from piccolod.kernel.aio import call
+from piccolod.kernel.dispatcher import Registration, register_all
 from piccolod.kernel.fsm import LOCK_MACHINE, Machine, Transition
 from piccolod.persistence import exports
 from piccolod.persistence import keyset as keysets
@@ -366,7 +367,7 @@ class PersistenceService(Service):
     _correlation: str | None = attrs.field(init=False, default=None)
     _waiters: list[Deferred[None]] = attrs.field(init=False, factory=list)
     _maintenance: list[Any] = attrs.field(init=False, factory=list)
-    _registered: list[type[Command]] = attrs.field(init=False, factory=list)
+    _registration: Registration | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         problems = self.config.problems()
@@ -652,19 +653,12 @@ class PersistenceService(Service):
             (StoreDeleteSetting, self._handle_store_delete_setting),
             (StoreListSettings, self._handle_store_list_settings),
         ]
-        try:
-            for command_type, handler in handlers:
-                self.dispatcher.register(command_type, handler)
-                self._registered.append(command_type)
-        except Exception:
-            self._unregister()
-            raise
+        self._registration = register_all(self.dispatcher, handlers)
 
     def _unregister(self) -> None:
-        if self.dispatcher is None:
-            return
-        while self._registered:
-            self.dispatcher.unregister(self._registered.pop())
+        if self._registration is not None:
+            self._registration.cancel()
+            self._registration = None
 
     def _serial(self, fn: Callable[..., Awaitable[T]], *args: Any) -> Deferred[T]:
         return self._ops.run(lambda: Deferred.fromCoroutine(_await(fn(*args))))

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import attrs
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -17,8 +16,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from piccolod.errors import NotFound, TransientError
-from piccolod.events import Envelope, Event, EventContext, ReconcileResult
-from piccolod.interfaces import Backoff, IController, IEventBus, IReconciler, ISubscription
+from piccolod.events import ReconcileResult
+from piccolod.interfaces import Backoff, IController, IReconciler
 from piccolod.kernel.controllers import (
     Condition,
     Controller,
@@ -28,45 +27,17 @@ from piccolod.kernel.controllers import (
     is_terminal,
     set_condition,
 )
+from piccolod.testing.bus import FakeEventBus
 
 
-@implementer(IEventBus)
-@attrs.define(eq=False)
-class RecordingBus:
-    """Records what is published (delivery is not under test here)."""
+class RecordingBus(FakeEventBus):
+    """The shipped fake bus on its own clock (delivery is not under test here)."""
 
-    published: list[Envelope[Any]] = attrs.field(factory=list)
-
-    def publish(
-        self,
-        event: Event,
-        source: str = "",
-        correlation_id: str | None = None,
-        topic: str | None = None,
-    ) -> Envelope[Any]:
-        envelope: Envelope[Any] = Envelope(
-            topic or event.topic, event, EventContext(str(len(self.published)), 0.0, source)
-        )
-        self.published.append(envelope)
-        return envelope
-
-    def subscribe(self, *args: Any, **kwargs: Any) -> ISubscription:
-        raise NotImplementedError
-
-    def retained(self, pattern: str) -> Sequence[Envelope[Any]]:
-        raise NotImplementedError
-
-    def last(self, topic: str, key: str = "") -> Envelope[Any] | None:
-        raise NotImplementedError
-
-    def stats(self) -> Mapping[str, Any]:
-        raise NotImplementedError
-
-    def drain(self) -> Deferred[None]:
-        raise NotImplementedError
+    def __init__(self) -> None:
+        super().__init__(Clock())
 
     def results(self) -> list[ReconcileResult]:
-        return [e.event for e in self.published if isinstance(e.event, ReconcileResult)]
+        return [e.event for e in self.published() if isinstance(e.event, ReconcileResult)]
 
 
 @implementer(IReconciler)
@@ -574,7 +545,7 @@ class ControllerTests(SynchronousTestCase):
         self.assertEqual(ok.key(), "test/a")
         self.assertFalse(failed.ok)
         self.assertEqual(failed.error, "TransientError: nope")
-        self.assertEqual(self.bus.published[0].context.source, "controller:test")
+        self.assertEqual(self.bus.published()[0].context.source, "controller:test")
 
 
 # --------------------------------------------------------------------------

@@ -1345,3 +1345,35 @@ def assert_parameter_names(case: SynchronousTestCase, interface: Any, obj: objec
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
         case.assertEqual(actual, expected, f"{type(obj).__name__}.{name}")
+
+
+class RegisterAllTests(SynchronousTestCase):
+    def test_registers_all_and_cancels_all(self) -> None:
+        """register_all registers every handler; cancel removes them, twice is harmless."""
+        from piccolod.commands import Ping, Pong, RestartChild
+        from piccolod.kernel.dispatcher import register_all
+
+        dispatcher = CommandDispatcher(Clock())
+        registration = register_all(
+            dispatcher,
+            [(Ping, lambda c, ctx: Pong()), (RestartChild, lambda c, ctx: Pong())],
+        )
+        self.assertEqual(dispatcher.names(), ["kernel.ping", "supervisor.restart_child"])
+        registration.cancel()
+        registration.cancel()
+        self.assertEqual(dispatcher.names(), [])
+
+    def test_a_taken_name_registers_nothing(self) -> None:
+        """When one name is taken, none of the batch stays registered."""
+        from piccolod.commands import Ping, Pong, RestartChild
+        from piccolod.errors import DuplicateRegistration
+        from piccolod.kernel.dispatcher import register_all
+
+        dispatcher = CommandDispatcher(Clock())
+        dispatcher.register(RestartChild, lambda c, ctx: Pong())
+        with self.assertRaises(DuplicateRegistration):
+            register_all(
+                dispatcher,
+                [(Ping, lambda c, ctx: Pong()), (RestartChild, lambda c, ctx: Pong())],
+            )
+        self.assertEqual(dispatcher.names(), ["supervisor.restart_child"])

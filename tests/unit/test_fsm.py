@@ -4,61 +4,28 @@ from __future__ import annotations
 
 import enum
 import operator
-from collections.abc import Mapping, Sequence
 from typing import Any
 
-import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from piccolod.errors import Conflict, IllegalTransition
-from piccolod.events import Envelope, Event, EventContext, LockState, StateTransition
-from piccolod.interfaces import IEventBus, ISubscription
+from piccolod.events import LockState, StateTransition
 from piccolod.kernel.fsm import LOCK_MACHINE, Machine, Transition, describe_table, state_name
+from piccolod.testing.bus import FakeEventBus
 
 
-@implementer(IEventBus)
-@attrs.define(eq=False)
-class RecordingBus:
-    """Records what is published (delivery is not under test here)."""
+class RecordingBus(FakeEventBus):
+    """The shipped fake bus on its own clock (delivery is not under test here)."""
 
-    published: list[Envelope[Any]] = attrs.field(factory=list)
-
-    def publish(
-        self,
-        event: Event,
-        source: str = "",
-        correlation_id: str | None = None,
-        topic: str | None = None,
-    ) -> Envelope[Any]:
-        envelope: Envelope[Any] = Envelope(
-            topic or event.topic, event, EventContext(str(len(self.published)), 0.0, source)
-        )
-        self.published.append(envelope)
-        return envelope
-
-    def subscribe(self, *args: Any, **kwargs: Any) -> ISubscription:
-        raise NotImplementedError
-
-    def retained(self, pattern: str) -> Sequence[Envelope[Any]]:
-        raise NotImplementedError
-
-    def last(self, topic: str, key: str = "") -> Envelope[Any] | None:
-        raise NotImplementedError
-
-    def stats(self) -> Mapping[str, Any]:
-        raise NotImplementedError
-
-    def drain(self) -> Deferred[None]:
-        raise NotImplementedError
+    def __init__(self) -> None:
+        super().__init__(Clock())
 
     def transitions(self) -> list[tuple[str, str, str]]:
         out = []
-        for envelope in self.published:
+        for envelope in self.published():
             event = envelope.event
             assert isinstance(event, StateTransition)
             out.append((event.previous, event.trigger, event.state))
@@ -100,7 +67,7 @@ class MachineTests(SynchronousTestCase):
         self.assertEqual((error.machine, error.state, error.event), ("job:1", "queued", "succeed"))
         self.assertEqual(error.problem()["status"], 409)
         self.assertEqual(self.machine.state, "queued")
-        self.assertEqual(self.bus.published, [])
+        self.assertEqual(self.bus.published(), [])
         self.assertEqual(self.machine.history, ())
 
     def test_unknown_trigger_is_illegal(self) -> None:
@@ -132,7 +99,7 @@ class MachineTests(SynchronousTestCase):
                 ("failed", "retry", "queued"),
             ],
         )
-        envelope = self.bus.published[0]
+        envelope = self.bus.published()[0]
         self.assertEqual(envelope.topic, "fsm.transition")
         self.assertEqual(envelope.event.machine, "job:1")
         self.assertEqual(envelope.event.key(), "job:1")
@@ -381,5 +348,5 @@ class LockMachineTests(SynchronousTestCase):
                 model = target
                 moves += 1
             self.assertIs(machine.state, model)
-        self.assertEqual(len(bus.published), moves)
+        self.assertEqual(len(bus.published()), moves)
         self.assertEqual(len(machine.history), min(moves, 100))

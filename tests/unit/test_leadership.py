@@ -2,66 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
-import attrs
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from piccolod.errors import InvalidCommand, NotLeader, StaleTerm
-from piccolod.events import Envelope, Event, EventContext, LeadershipRoleChanged, Role
-from piccolod.interfaces import IEventBus, ILeadershipRegistry, ISubscription, LeadershipState
+from piccolod.events import LeadershipRoleChanged, Role
+from piccolod.interfaces import ILeadershipRegistry, LeadershipState
 from piccolod.kernel.leadership import LeadershipRegistry
+from piccolod.testing.bus import FakeEventBus
 
 NODE = "node-a"
 
 
-@implementer(IEventBus)
-@attrs.define(eq=False)
-class RecordingBus:
-    """Records what is published (delivery is not under test here)."""
+class RecordingBus(FakeEventBus):
+    """The shipped fake bus on its own clock (delivery is not under test here)."""
 
-    published: list[Envelope[Any]] = attrs.field(factory=list)
-
-    def publish(
-        self,
-        event: Event,
-        source: str = "",
-        correlation_id: str | None = None,
-        topic: str | None = None,
-    ) -> Envelope[Any]:
-        envelope: Envelope[Any] = Envelope(
-            topic or event.topic,
-            event,
-            EventContext(str(len(self.published)), 0.0, source, correlation_id),
-        )
-        self.published.append(envelope)
-        return envelope
-
-    def subscribe(self, *args: Any, **kwargs: Any) -> ISubscription:
-        raise NotImplementedError
-
-    def retained(self, pattern: str) -> Sequence[Envelope[Any]]:
-        raise NotImplementedError
-
-    def last(self, topic: str, key: str = "") -> Envelope[Any] | None:
-        raise NotImplementedError
-
-    def stats(self) -> Mapping[str, Any]:
-        raise NotImplementedError
-
-    def drain(self) -> Deferred[None]:
-        raise NotImplementedError
+    def __init__(self) -> None:
+        super().__init__(Clock())
 
     def events(self) -> list[LeadershipRoleChanged]:
-        return [e.event for e in self.published if isinstance(e.event, LeadershipRoleChanged)]
+        return [e.event for e in self.published() if isinstance(e.event, LeadershipRoleChanged)]
 
 
 class RegistryTests(SynchronousTestCase):
@@ -91,7 +59,7 @@ class RegistryTests(SynchronousTestCase):
             LeadershipState("control-plane", Role.LEADER, NODE, "http://a:8080", 1),
         )
         self.assertTrue(self.registry.is_leader("control-plane"))
-        [envelope] = self.bus.published
+        [envelope] = self.bus.published()
         self.assertEqual(envelope.topic, "cluster.leadership")
         self.assertEqual(envelope.context.source, "leadership")
         self.assertEqual(
@@ -113,13 +81,13 @@ class RegistryTests(SynchronousTestCase):
         first = self.registry.update("r", Role.LEADER, 2)
         again = self.registry.update("r", Role.LEADER, 2, leader_id=NODE)
         self.assertEqual(first, again)
-        self.assertEqual(len(self.bus.published), 1)
+        self.assertEqual(len(self.bus.published()), 1)
 
     def test_default_state_write_is_recorded_silently(self) -> None:
         """Writing the implicit default state lists the resource but publishes nothing."""
         self.registry.update("r", Role.UNKNOWN, 0)
         self.assertEqual([s.resource for s in self.registry.states()], ["r"])
-        self.assertEqual(self.bus.published, [])
+        self.assertEqual(self.bus.published(), [])
 
     def test_term_only_change_is_published(self) -> None:
         """A new term with the same role is a real change and is published."""
@@ -141,7 +109,7 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(error.extra["current_term"], 5)
         self.assertEqual(self.registry.state("r").term, 5)
         self.assertIs(self.registry.role("r"), Role.FOLLOWER)
-        self.assertEqual(len(self.bus.published), 1)
+        self.assertEqual(len(self.bus.published()), 1)
 
     def test_leader_needs_term_above_other_leader(self) -> None:
         """Claiming leadership in a term another node led raises StaleTerm; the next term works."""
@@ -194,7 +162,7 @@ class RegistryTests(SynchronousTestCase):
         for args in bad:
             self.assertRaises(InvalidCommand, self.registry.update, *args)
         self.assertEqual(self.registry.states(), [])
-        self.assertEqual(self.bus.published, [])
+        self.assertEqual(self.bus.published(), [])
 
     def test_unknown_is_never_leader(self) -> None:
         """UNKNOWN is not leader even when it names this node, and require_leader refuses."""
@@ -359,18 +327,18 @@ class LeadershipMachine(RuleBasedStateMachine):
         stale = term < before.term or (
             effective is not None and previous_leader is not None and previous_leader != effective
         )
-        published = len(self.bus.published)
+        published = len(self.bus.published())
         try:
             after = self.registry.update(resource, role, term, leader, address)
         except InvalidCommand:
             assert invalid
             assert self.registry.state(resource) == before
-            assert len(self.bus.published) == published
+            assert len(self.bus.published()) == published
             return
         except StaleTerm:
             assert not invalid and stale
             assert self.registry.state(resource) == before
-            assert len(self.bus.published) == published
+            assert len(self.bus.published()) == published
             return
         assert not invalid and not stale, (resource, role, term, leader)
         assert after == LeadershipState(resource, role, effective, address, term)
@@ -378,7 +346,7 @@ class LeadershipMachine(RuleBasedStateMachine):
             self.leader_of_term[(resource, term)] = effective
         if after != before:
             self.expected_events += 1
-            event = self.bus.published[-1].event
+            event = self.bus.published()[-1].event
             assert isinstance(event, LeadershipRoleChanged)
             assert (event.resource, event.role, event.previous, event.term) == (
                 resource,
@@ -386,7 +354,7 @@ class LeadershipMachine(RuleBasedStateMachine):
                 before.role,
                 term,
             )
-        assert len(self.bus.published) == self.expected_events
+        assert len(self.bus.published()) == self.expected_events
 
     @rule(resource=st.sampled_from(RESOURCES))
     def wait(self, resource: str) -> None:
@@ -410,7 +378,7 @@ class LeadershipMachine(RuleBasedStateMachine):
 
     @invariant()
     def one_event_per_transition(self) -> None:
-        assert len(self.bus.published) == self.expected_events
+        assert len(self.bus.published()) == self.expected_events
 
     @invariant()
     def at_most_one_leader(self) -> None:
