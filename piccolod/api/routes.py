@@ -885,7 +885,11 @@ def _meta_routes(router: Router, api: APIContext) -> None:
         subject = principal.subject
 
         def allowed(topic: str) -> bool:
-            return api.engine.decide(subject, "events.read", f"topic:{topic}").allowed
+            # Called from the subscription's filter, inside a publish: the
+            # decision is audited on the next turn, never re-entrantly.
+            decision = api.engine.decide(subject, "events.read", f"topic:{topic}", publish=False)
+            api.kernel.reactor.callLater(0, api.engine.audit, decision)
+            return decision.allowed
 
         stream = EventStream(api.hub, request, patterns, allowed)
         stream.open(last_id or None, follow)

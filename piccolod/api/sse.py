@@ -256,6 +256,7 @@ class EventStream:
     def wants(self, topic: str) -> bool:
         verdict = self._verdicts.get(topic)
         if verdict is None:
+            self._verdicts[topic] = False  # while deciding: never re-entrant
             verdict = any(p.matches(topic) for p in self.patterns) and self.allowed(topic)
             self._verdicts[topic] = verdict
         return verdict

@@ -367,7 +367,8 @@ class PolicyEngine(ChainedMiddleware):
         """
         The default roles and subjects, with ``roles`` (``{name: {"allow":
         [rule...], "deny": [rule...]}}``, replacing a default role of the
-        same name) and ``subjects`` (``{pattern: role}``) laid over them.
+        same name) and ``subjects`` (``{pattern: role}``, tried before the
+        default patterns) laid over them.
         Raises ``ConfigError`` listing every problem.
         """
         errors: list[str] = []
@@ -392,7 +393,8 @@ class PolicyEngine(ChainedMiddleware):
                 table[name] = RoleSpec.build(name, lists["allow"], lists["deny"])
             except ValueError as e:
                 errors.append(f"roles.{name}: {e}")
-        mapping: dict[str, str] = dict(DEFAULT_SUBJECTS)
+        # Configured patterns are tried first (in their order), then the defaults.
+        mapping: dict[str, str] = {}
         for pattern, role in (subjects or {}).items():
             if not isinstance(role, str) or role not in table:
                 errors.append(f"subjects.{pattern}: unknown role {role!r}")
@@ -403,6 +405,8 @@ class PolicyEngine(ChainedMiddleware):
                 errors.append(f"subjects: {e}")
                 continue
             mapping[pattern] = role
+        for pattern, role in DEFAULT_SUBJECTS.items():
+            mapping.setdefault(pattern, role)
         if errors:
             raise ConfigError(errors)
         return cls(clock, bus, roles=table, subjects=mapping, **kwargs)
@@ -429,10 +433,14 @@ class PolicyEngine(ChainedMiddleware):
         *,
         audit: bool = True,
         correlation_id: str | None = None,
+        publish: bool = True,
     ) -> Decision:
         """
         Decide (and audit) whether ``subject`` may do ``action`` on
-        ``resource``.  Never raises for a well-formed call.
+        ``resource``.  Never raises for a well-formed call.  With
+        ``publish=False`` nothing is published and the caller must pass the
+        decision to :meth:`audit` itself (a caller inside a bus filter, which
+        must not publish re-entrantly).
         """
         role = self.role_of(subject)
         spec = self.roles.get(role) if role is not None else None
@@ -453,9 +461,13 @@ class PolicyEngine(ChainedMiddleware):
                 self._cache[key] = cached
             allowed, reason = cached
         decision = Decision(self._ids(), allowed, subject, role, action, resource, reason)
-        if audit or not allowed:
+        if publish and (audit or not allowed):
             self._audit(decision, correlation_id)
         return decision
+
+    def audit(self, decision: Decision, correlation_id: str | None = None) -> None:
+        """Publish the audit record of ``decision`` (see ``decide(publish=False)``)."""
+        self._audit(decision, correlation_id)
 
     def check(
         self,
