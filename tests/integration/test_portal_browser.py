@@ -433,6 +433,33 @@ def test_login_logout_and_filter(daemon: Daemon, browser_context: Any) -> None:
     watch.check_clean()
 
 
+def test_forgotten_password_reset(daemon: Daemon, browser_context: Any) -> None:
+    """From the login screen the recovery key sets a new password, which then logs in."""
+    new_password = "a brand new passphrase"
+    words = Client(daemon.url).call("POST", "/api/v1/auth/setup", {"password": PASSWORD})[
+        "recovery_key"
+    ]
+    watch = open_portal(browser_context, daemon.url)
+    page = watch.page
+    page.wait_for_selector("#screen-login:not([hidden])", timeout=10_000)
+    page.click("#forgot summary")
+    page.fill("#reset-recovery", "only three words")
+    page.fill("#reset-password", new_password)
+    page.fill("#reset-confirm", new_password)
+    page.click("#reset-form button[type=submit]")
+    wait_text(page, "#reset-error", "The recovery key has 24 words.")
+    page.fill("#reset-recovery", "  " + words.replace(" ", "\n") + " ")
+    page.click("#reset-form button[type=submit]")
+    page.wait_for_selector("#login-status:not([hidden])", timeout=30_000)
+    assert not page.is_visible("#reset-form")
+    watch.shot("11-password-reset")
+    page.fill("#login-password", new_password)
+    page.click("#login-form button[type=submit]")
+    page.wait_for_selector("#screen-dashboard:not([hidden])", timeout=30_000)
+    wait_text(page, "#lock-state", "unlocked")
+    watch.check_clean()
+
+
 def test_phone_layout(daemon: Daemon, browser_context: Any) -> None:
     """On a phone-sized screen nothing overflows sideways and the dashboard stacks in one column."""
     watch = open_portal(browser_context, daemon.url)

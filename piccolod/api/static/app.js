@@ -245,6 +245,7 @@ function sessionLost() {
 function bindForms() {
   $("setup-form").addEventListener("submit", onSetup);
   $("login-form").addEventListener("submit", onLogin);
+  $("reset-form").addEventListener("submit", onReset);
   $("unlock-form").addEventListener("submit", onUnlock);
   $("lock-button").addEventListener("click", () => $("lock-dialog").showModal());
   $("lock-dialog").addEventListener("close", onLockDialog);
@@ -262,7 +263,7 @@ function bindForms() {
   }
   $("events-form").addEventListener("submit", (e) => {
     e.preventDefault();
-    openLogStream();
+    applyFilter();
   });
   $("events-pause").addEventListener("click", onPause);
   $("events-clear").addEventListener("click", () => {
@@ -334,6 +335,7 @@ async function onLogin(event) {
   const error = $("login-error");
   if (!field.value) return setError(error, "Enter the password.");
   setError(error, "");
+  setError($("login-status"), "");
   await busy(event.target, async () => {
     try {
       const answer = await request("POST", "/auth/login", { password: field.value });
@@ -344,6 +346,32 @@ async function onLogin(event) {
     } catch (e) {
       setError(error, explain(e));
       field.select();
+    }
+  });
+}
+
+async function onReset(event) {
+  event.preventDefault();
+  const words = $("reset-recovery").value.trim().split(/\s+/).filter(Boolean);
+  const password = $("reset-password").value;
+  const error = $("reset-error");
+  if (words.length !== 24) return setError(error, "The recovery key has 24 words.");
+  if (password.length < 8) return setError(error, "The password needs at least 8 characters.");
+  if (password !== $("reset-confirm").value) return setError(error, "The passwords differ.");
+  setError(error, "");
+  await busy(event.target, async () => {
+    try {
+      await request("POST", "/auth/recovery-key/reset", {
+        recovery_key: words.join(" "),
+        new_password: password,
+      });
+      $("reset-form").reset();
+      $("forgot").open = false;
+      setError($("login-error"), "");
+      setError($("login-status"), "The password was changed: log in with the new one.");
+      $("login-password").focus();
+    } catch (e) {
+      setError(error, explain(e));
     }
   });
 }
@@ -406,8 +434,7 @@ async function onLogout() {
 async function enterDashboard() {
   showScreen("dashboard");
   if (csrf.token === null) await fetchCsrf().catch(() => null);
-  openStateStream();
-  openLogStream();
+  openStream();
 }
 
 /** Load every view from the REST API (after the state stream is open). */
@@ -531,53 +558,69 @@ async function appsFromCommand() {
 // --------------------------------------------------------------------------
 // Live updates
 
-const streams = { state: null, log: null, stateRetry: 1000 };
+/**
+ * One stream per page (browsers allow six connections per host over
+ * HTTP/1.1, so every open tab counts): it asks for the dashboard's topics
+ * and the log's filter together; each event updates the dashboard, the log
+ * or both.
+ */
+const stream = { source: null, retry: 1000, logPatterns: null };
 
 function stopStreams() {
-  for (const name of ["state", "log"]) {
-    if (streams[name]) streams[name].close();
-    streams[name] = null;
-  }
+  if (stream.source) stream.source.close();
+  stream.source = null;
   setLink("offline");
 }
 
-function eventSource(topics) {
-  return new EventSource(`${API}/events?topics=${encodeURIComponent(topics.join(","))}`, {
+function eventSource(patterns) {
+  return new EventSource(`${API}/events?topics=${encodeURIComponent(patterns.join(","))}`, {
     withCredentials: true,
   });
 }
 
-/** The dashboard's stream: applies every state event; resyncs on (re)connection. */
-function openStateStream() {
-  if (streams.state) streams.state.close();
-  const source = eventSource(STATE_TOPICS);
-  streams.state = source;
+/** What the stream asks for: the dashboard's topics plus the log's patterns (16 at most). */
+function streamPatterns(logPatterns) {
+  if (logPatterns.includes("#")) return ["#"];
+  const extra = STATE_TOPICS.filter((t) => !logPatterns.some((p) => matches(p, t)));
+  const all = [...logPatterns, ...extra];
+  return all.length > 16 ? ["#"] : all;
+}
+
+/** (Re)open the stream; the dashboard resyncs once it is open. */
+function openStream() {
+  if (stream.source) stream.source.close();
+  if (stream.logPatterns === null) stream.logPatterns = parseFilter($("events-topics").value);
+  const patterns = streamPatterns(stream.logPatterns);
+  const source = eventSource(patterns);
+  stream.source = source;
   setLink("connecting");
   source.addEventListener("open", () => {
-    streams.stateRetry = 1000;
+    stream.retry = 1000;
     setLink("live");
     // The stream is open: from now on no change is missed, so the snapshot
     // (loaded after) plus the events (applied as they come) are complete.
     scheduleResync();
   });
-  for (const topic of STATE_TOPICS) {
-    source.addEventListener(topic, (message) => applyMessage(topic, message));
+  for (const topic of KNOWN_TOPICS) {
+    if (patterns.some((p) => matches(p, topic))) {
+      source.addEventListener(topic, (message) => onMessage(topic, message));
+    }
   }
-  source.addEventListener("gap", scheduleResync);
-  source.addEventListener("dropped", scheduleResync);
+  source.addEventListener("gap", (m) => logControl("gap", m));
+  source.addEventListener("dropped", (m) => logControl("dropped", m));
   source.addEventListener("error", () => {
-    if (streams.state !== source) return;
+    if (stream.source !== source) return;
     if (source.readyState === EventSource.CLOSED) {
-      // Refused (session over, or the server went away): find out which.
+      // Refused (the session ended, or the server went away): find out which.
       setLink("offline");
-      streams.state = null;
-      const wait = streams.stateRetry;
-      streams.stateRetry = Math.min(30000, wait * 2);
+      stream.source = null;
+      const wait = stream.retry;
+      stream.retry = Math.min(30000, wait * 2);
       setTimeout(() => {
-        if (state.screen === "dashboard" && streams.state === null) recheck();
+        if (state.screen === "dashboard" && stream.source === null) recheck();
       }, wait);
     } else {
-      setLink("connecting");
+      setLink("connecting"); // the browser reconnects, resuming with Last-Event-ID
     }
   });
 }
@@ -586,21 +629,26 @@ async function recheck() {
   try {
     const session = await request("GET", "/auth/session");
     if (!session.authenticated) return sessionLost();
-    openStateStream();
+    openStream();
   } catch {
     setTimeout(() => {
-      if (state.screen === "dashboard" && streams.state === null) recheck();
-    }, streams.stateRetry);
+      if (state.screen === "dashboard" && stream.source === null) recheck();
+    }, stream.retry);
   }
 }
 
-function applyMessage(topic, message) {
+function onMessage(topic, message) {
   let envelope;
   try {
     envelope = JSON.parse(message.data);
   } catch {
     return;
   }
+  if (STATE_TOPICS.includes(topic)) applyEvent(topic, envelope);
+  if (stream.logPatterns.some((p) => matches(p, topic))) logEvent(topic, envelope);
+}
+
+function applyEvent(topic, envelope) {
   const event = envelope.event || {};
   switch (topic) {
     case "persistence.lock_state":
@@ -721,31 +769,17 @@ function matches(pattern, topic) {
   return want.length === have.length;
 }
 
-function openLogStream() {
+/** Apply the filter form: the log shows only what matches (the stream reopens). */
+function applyFilter() {
   const error = $("events-error");
-  let patterns;
   try {
-    patterns = parseFilter($("events-topics").value);
+    stream.logPatterns = parseFilter($("events-topics").value);
   } catch (e) {
     setError(error, e.message);
     return;
   }
   setError(error, "");
-  if (streams.log) streams.log.close();
-  const source = eventSource(patterns);
-  streams.log = source;
-  const topics = [...KNOWN_TOPICS].filter((t) => patterns.some((p) => matches(p, t)));
-  for (const topic of topics) {
-    source.addEventListener(topic, (message) => logMessage(topic, message));
-  }
-  source.addEventListener("gap", (m) => logControl("gap", m));
-  source.addEventListener("dropped", (m) => logControl("dropped", m));
-  source.addEventListener("message", (m) => logMessage("message", m));
-  source.addEventListener("error", () => {
-    if (streams.log === source && source.readyState === EventSource.CLOSED) {
-      setError(error, "The event stream was refused or ended; press Apply to retry.");
-    }
-  });
+  if (state.screen === "dashboard") openStream();
 }
 
 function onPause() {
@@ -801,14 +835,8 @@ function summarize(topic, envelope) {
   }
 }
 
-function logMessage(topic, message) {
+function logEvent(topic, envelope) {
   if (state.logPaused) return;
-  let envelope;
-  try {
-    envelope = JSON.parse(message.data);
-  } catch {
-    return;
-  }
   const actual = envelope.topic || topic;
   appendLog(
     h(
