@@ -15,7 +15,7 @@ directory.)
 
 from piccolod.apps.podman import CONFIG_KEYS as PODMAN_CONFIG
 from piccolod.apps.service import CONFIG_KEYS as APPS_CONFIG
-from piccolod.interfaces import IContainerRuntime, IServiceManager
+from piccolod.interfaces import IContainerRuntime, IControlStore, IServiceManager
 from piccolod.kernel.plugins import SubsystemPlugin
 from piccolod.services.service import CONFIG_KEYS as SERVICES_CONFIG
 
@@ -46,7 +46,9 @@ appsController = SubsystemPlugin(
     description="App commands and the desired-state controller over the container runtime",
     factory="piccolod.apps.service.AppsService.from_context",
     provides=(),
-    requires=(IContainerRuntime, IServiceManager),
+    # IControlStore for start order only: desired state is read through the
+    # store.* commands that the persistence subsystem answers.
+    requires=(IContainerRuntime, IServiceManager, IControlStore),
     config_keys=APPS_CONFIG,  # type: ignore[arg-type]
     default=True,
 )
