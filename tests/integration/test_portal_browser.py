@@ -167,35 +167,56 @@ def _serves_portal(daemon: Daemon) -> bool:
         return False
 
 
+#: Whether the shipped API serves the portal (probed once per session).
+_SHIPPED: dict[str, bool] = {}
+
+
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    """A daemon serving the portal: as shipped, or with the drop-in until the API mounts it."""
-    config = tmp_path / "piccolod.toml"
-    config.write_text(CONFIG)
-    plain = Daemon(tmp_path / "state", ["--config", str(config)]).start()
-    try:
-        plain.wait_ready()
-        if _serves_portal(plain):
-            yield plain
-            return
-        plain.stop()
-    finally:
-        plain.kill()
-    drop = tmp_path / "drop"
-    (drop / "twisted" / "plugins").mkdir(parents=True)
-    (drop / "piccolod_portal_test_dropin.py").write_text(DROPIN_MODULE)
-    (drop / "twisted" / "plugins" / "piccolod_portal_test.py").write_text(DROPIN_PLUGIN)
-    env = {"PYTHONPATH": f"{drop}:{ROOT}"}
-    shutil.rmtree(tmp_path / "state")
-    mounted = Daemon(
-        tmp_path / "state", ["--config", str(config), "--use", "api=portal-test"], env=env
-    ).start()
-    try:
-        mounted.wait_ready()
-        assert _serves_portal(mounted), mounted.log()
-        yield mounted
-    finally:
-        mounted.kill()
+def make_daemon(tmp_path: Path) -> Iterator[Any]:
+    """
+    Start a daemon serving the portal with extra config: the API as shipped
+    when it mounts the portal, else the drop-in variant that mounts it.
+    """
+    _require_browser()
+    started: list[Daemon] = []
+
+    def start(name: str, args: list[str], env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(tmp_path / name, args, env=env).start()
+        started.append(daemon)
+        daemon.wait_ready()
+        return daemon
+
+    def make(extra_config: str = "") -> Daemon:
+        config = tmp_path / f"piccolod{len(started)}.toml"
+        config.write_text(CONFIG + extra_config)
+        if _SHIPPED.get("portal", True):
+            daemon = start(f"state{len(started)}", ["--config", str(config)])
+            if _serves_portal(daemon):
+                _SHIPPED["portal"] = True
+                return daemon
+            _SHIPPED["portal"] = False
+            daemon.stop()
+        drop = tmp_path / "drop"
+        if not drop.exists():
+            (drop / "twisted" / "plugins").mkdir(parents=True)
+            (drop / "piccolod_portal_test_dropin.py").write_text(DROPIN_MODULE)
+            (drop / "twisted" / "plugins" / "piccolod_portal_test.py").write_text(DROPIN_PLUGIN)
+        env = {"PYTHONPATH": f"{drop}:{ROOT}"}
+        args = ["--config", str(config), "--use", "api=portal-test"]
+        daemon = start(f"state{len(started)}", args, env)
+        assert _serves_portal(daemon), daemon.log()
+        return daemon
+
+    yield make
+    for daemon in started:
+        daemon.kill()
+
+
+@pytest.fixture
+def daemon(make_daemon: Any) -> Daemon:
+    """A daemon serving the portal, with cheap key derivation and fake containers."""
+    result: Daemon = make_daemon()
+    return result
 
 
 @pytest.fixture
@@ -457,6 +478,24 @@ def test_forgotten_password_reset(daemon: Daemon, browser_context: Any) -> None:
     page.click("#login-form button[type=submit]")
     page.wait_for_selector("#screen-dashboard:not([hidden])", timeout=30_000)
     wait_text(page, "#lock-state", "unlocked")
+    watch.check_clean()
+
+
+def test_session_end_shows_login(make_daemon: Any, browser_context: Any) -> None:
+    """When the session times out the page closes its stream and asks for a login again."""
+    daemon = make_daemon("\n[subsystems.api]\nsession_idle_timeout = 3.0\n")
+    watch = open_portal(browser_context, daemon.url)
+    page = watch.page
+    setup_through_page(watch, "30-expiry")
+    wait_text(page, "#lock-state", "unlocked")
+    page.wait_for_selector("#link-state[data-state=live]", timeout=10_000)
+    page.wait_for_selector("#screen-login:not([hidden])", timeout=20_000)
+    wait_text(page, "#login-error", "Your session ended: log in again.")
+    assert page.get_attribute("#link-state", "data-state") == "offline"
+    watch.shot("31-session-ended")
+    page.fill("#login-password", PASSWORD)
+    page.click("#login-form button[type=submit]")
+    page.wait_for_selector("#link-state[data-state=live]", timeout=10_000)
     watch.check_clean()
 
 

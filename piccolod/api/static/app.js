@@ -127,6 +127,7 @@ async function request(method, path, body, retried = false) {
     init.body = JSON.stringify(body);
   }
   const response = await fetch(API + path, init);
+  noteServerTime(response);
   let data = null;
   const type = response.headers.get("content-type") || "";
   if (type.includes("json")) data = await response.json().catch(() => null);
@@ -145,6 +146,18 @@ async function request(method, path, body, retried = false) {
     throw error;
   }
   return data;
+}
+
+/** Server time minus page time (seconds), from the Date header: sessions expire on server time. */
+const clock = { skew: 0 };
+
+function noteServerTime(response) {
+  const date = Date.parse(response.headers.get("date") || "");
+  if (!Number.isNaN(date)) clock.skew = (date - Date.now()) / 1000;
+}
+
+function serverNow() {
+  return Date.now() / 1000 + clock.skew;
 }
 
 function isPublicWrite(path) {
@@ -227,11 +240,42 @@ async function route() {
     stopStreams();
     showScreen("login");
   } else {
+    watchExpiry(session);
     await enterDashboard();
   }
 }
 
+/**
+ * The event stream outlives the session on the server, so the page checks
+ * the session when it is due to end (idle or absolute timeout) and then
+ * shows the login screen; every request the page makes moves that time.
+ */
+let expiryTimer = null;
+
+function watchExpiry(session) {
+  clearTimeout(expiryTimer);
+  expiryTimer = null;
+  const ends = Math.min(session.idle_expires_at ?? Infinity, session.expires_at ?? Infinity);
+  if (!Number.isFinite(ends)) return;
+  const wait = Math.max(1, ends - serverNow() + 1);
+  expiryTimer = setTimeout(checkSession, Math.min(wait * 1000, 2 ** 31 - 1));
+}
+
+async function checkSession() {
+  expiryTimer = null;
+  if (state.screen !== "dashboard") return;
+  try {
+    const session = await request("GET", "/auth/session");
+    if (session.authenticated) watchExpiry(session);
+    else sessionLost();
+  } catch {
+    expiryTimer = setTimeout(checkSession, 30000);
+  }
+}
+
 function sessionLost() {
+  clearTimeout(expiryTimer);
+  expiryTimer = null;
   if (state.screen !== "dashboard") return;
   csrf.token = null;
   stopStreams();
@@ -296,6 +340,7 @@ async function onSetup(event) {
     try {
       const answer = await request("POST", "/auth/setup", { password });
       csrf.token = answer.csrf_token || null;
+      watchExpiry(answer);
       $("setup-form").reset();
       setLock(answer.state || "unlocked");
       showRecovery(answer.recovery_key || "");
@@ -341,6 +386,7 @@ async function onLogin(event) {
       const answer = await request("POST", "/auth/login", { password: field.value });
       csrf.token = answer.csrf_token || null;
       field.value = "";
+      watchExpiry(answer);
       setLock(answer.state || state.lock);
       await enterDashboard();
     } catch (e) {
