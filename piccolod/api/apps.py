@@ -94,7 +94,7 @@ def _spec_text(request: Request) -> str:
         return str(decoded["spec"])
     if kind not in YAML_TYPES:
         raise InvalidCommand(
-            "the app spec must be sent as application/yaml (or JSON {\"spec\": ...})"
+            'the app spec must be sent as application/yaml (or JSON {"spec": ...})'
         )
     try:
         return raw.decode("utf-8")

@@ -88,9 +88,7 @@ class SpecTests(SynchronousTestCase):
         self.assertFalse(spec.listeners[1].http)
         self.assertEqual([(v.name, v.container) for v in spec.persistent], [("data", "/data")])
         self.assertEqual(spec.temporary[0].size, 16 * 1024 * 1024)
-        self.assertEqual(
-            dict(spec.environment), {"ENV": "test", "PORT": "80", "DEBUG": "false"}
-        )
+        self.assertEqual(dict(spec.environment), {"ENV": "test", "PORT": "80", "DEBUG": "false"})
         self.assertEqual((spec.memory, spec.cpus), (512_000_000, 0.5))
         assert spec.healthcheck is not None
         self.assertEqual(
