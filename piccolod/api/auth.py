@@ -572,12 +572,14 @@ class Authenticator:
     tokens: TokenStore
     engine: PolicyEngine
 
-    def authenticate(self, request: Request) -> Principal | None:
+    def authenticate(self, request: Request, touch: bool = True) -> Principal | None:
         """
         The request's principal: a bearer token (``Authorization``) first,
         else the session cookie; ``None`` without credentials.  Raises
         ``Unauthorized`` for a bad, revoked or expired bearer token, and for
-        an unknown or expired session cookie.
+        an unknown or expired session cookie.  ``touch``: count this as
+        use of the session (public routes do not: polling ``/auth/session``
+        does not keep a session alive).
         """
         header = request.getHeader(b"authorization")
         if header is not None:
@@ -590,7 +592,7 @@ class Authenticator:
             return Principal(f"token:{record.id}", "token", token=record)
         cookie = request.getCookie(COOKIE)
         if cookie:
-            session = self.sessions.get(cookie.decode("ascii", "replace"))
+            session = self.sessions.get(cookie.decode("ascii", "replace"), touch=touch)
             if session is None:
                 raise Unauthorized("the session has expired or ended; log in again")
             return Principal(session.subject, "session", session=session)
@@ -599,7 +601,7 @@ class Authenticator:
     def __call__(self, request: Request, route: Route, params: Mapping[str, str]) -> None:
         if route.public:
             try:
-                principal = self.authenticate(request)
+                principal = self.authenticate(request, touch=False)
             except Unauthorized:
                 principal = None
             request.piccolod_principal = principal  # type: ignore[attr-defined]

@@ -125,3 +125,96 @@ class APIClient:
         reply = self.post("/api/v1/auth/tokens", {"name": name, "role": role})
         assert reply.status == 201, reply
         return str(reply.body["token"]), str(reply.body["id"])
+
+
+class SSEConnection:
+    """
+    A raw Server-Sent Events stream over HTTP/1.0 (so the body is not
+    chunked): the bytes as they come, and the frames parsed from them.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        query: str = "",
+        last_event_id: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        import socket
+
+        parsed = urllib.parse.urlsplit(url)
+        self.sock = socket.create_connection((parsed.hostname, parsed.port), timeout=timeout)
+        lines = [
+            f"GET /api/v1/events{'?' + query if query else ''} HTTP/1.0",
+            f"Host: {parsed.hostname}",
+            f"Authorization: Bearer {token}",
+            "Accept: text/event-stream",
+        ]
+        if last_event_id:
+            lines.append(f"Last-Event-ID: {last_event_id}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"the stream closed before its headers: {head!r}")
+            head += chunk
+        head, _, rest = head.partition(b"\r\n\r\n")
+        self.status = int(head.split(b" ", 2)[1])
+        self.data = bytearray(rest)
+        self._parsed = 0
+        self._frames: list[dict[str, Any]] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive(self) -> bool:
+        """Read what is there (blocking once); False when the stream has ended."""
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            return False
+        self.data.extend(chunk)
+        return True
+
+    def frames(self) -> list[dict[str, Any]]:
+        """Every complete frame so far (``data`` decoded from JSON where it is JSON)."""
+        end = self.data.rfind(b"\n\n")
+        if end >= self._parsed:
+            for block in bytes(self.data[self._parsed : end]).split(b"\n\n"):
+                frame: dict[str, Any] = {}
+                for line in block.decode().split("\n"):
+                    if not line or line.startswith(":"):
+                        continue
+                    name, _, value = line.partition(": ")
+                    frame[name] = value
+                if "data" in frame:
+                    try:
+                        frame["data"] = json.loads(frame["data"])
+                    except ValueError:
+                        pass
+                if frame:
+                    self._frames.append(frame)
+            self._parsed = end + 2
+        return list(self._frames)
+
+    def events(self, topic: str | None = None) -> list[dict[str, Any]]:
+        return [
+            f for f in self.frames() if "id" in f and (topic is None or f.get("event") == topic)
+        ]
+
+    def wait_for(self, count: int, topic: str | None = None, timeout: float = 30.0) -> list[Any]:
+        """Read until ``count`` events (of ``topic``) arrived; fail at the deadline."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(self.events(topic)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {len(self.events(topic))} of {count} events arrived")
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            if not self.receive():
+                break
+        return self.events(topic)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -266,6 +266,15 @@ class SessionTests(SynchronousTestCase):
         mine = self.admin.get("/api/v1/auth/session").body
         self.assertEqual(mine["expires_at"] - mine["created_at"], 300.0)
 
+    def test_polling_the_session_route_does_not_keep_a_session_alive(self) -> None:
+        """GET /auth/session reports the session without counting as its use."""
+        for _ in range(2):
+            self.h.advance(25)
+            self.assertTrue(self.admin.get("/api/v1/auth/session").body["authenticated"])
+        self.h.advance(15)  # 65 s since the last real use
+        self.assertFalse(self.admin.get("/api/v1/auth/session").body["authenticated"])
+        self.assertEqual(self.admin.get("/api/v1/leadership").code, 401)
+
 
 class CSRFTests(SynchronousTestCase):
     def setUp(self) -> None:
