@@ -12,9 +12,9 @@ situation                     action
 ============================  ==================================================
 storage not unlocked          stop every container, withdraw the routes
 app removed from the store    remove its containers, withdraw its routes
+disabled (``apps.stop``)      stop the container, withdraw the routes
 stateful, this node follows   stop the container, route to the leader
 stateful, role unknown        stop the container, withdraw (``unknown`` never leads)
-disabled (``apps.stop``)      stop the container, withdraw the routes
 dependency not running        wait (requeue) with ``DependenciesReady=False``
 otherwise                     image present (or built), ports allocated, volumes
                               attached, one container matching the spec's
@@ -331,14 +331,16 @@ class AppReconciler:
         spec = cache.spec
         if spec.stateful and not cache.tracked:
             await self._track(spec, cache)
+        # Disabled wins over leadership: ``enabled`` is cluster-wide (the
+        # leader stops it too), so a follower must not route to the leader.
+        if not record.enabled:
+            await self._halt(app, containers, STOPPED, "stopped by the admin", record)
+            return None
         if spec.stateful:
             leadership = self.registry.state(spec.resource)
             if leadership.role is not Role.LEADER:
                 await self._standby(app, record, cache, containers, leadership)
                 return None
-        if not record.enabled:
-            await self._halt(app, containers, STOPPED, "stopped by the admin", record)
-            return None
         waiting = self._dependencies(spec)
         if waiting:
             await self._halt(
