@@ -55,7 +55,6 @@ from zope.interface import implementer
 from piccolod.commands import (
     AcmeChallengeAnswer,
     AddRemoteAlias,
-    Command,
     CommandContext,
     ConfigureRemote,
     DisableRemote,
@@ -107,6 +106,7 @@ from piccolod.interfaces import (
     TunnelStatus,
 )
 from piccolod.kernel.aio import provides
+from piccolod.kernel.dispatcher import Registration, register_all
 from piccolod.kernel.plugins import SubsystemContext
 from piccolod.remote.acme import AcmeBackend, AcmeIssuer, LibAcmeBackend
 from piccolod.remote.events import RemoteCertificateChanged, RemoteRouteChanged
@@ -240,7 +240,7 @@ class RemoteManager(Service):
     _pinning: set[str] = attrs.field(init=False, factory=set)
     _subscriptions: list[ISubscription] = attrs.field(init=False, factory=list)
     _unwatch: Callable[[], None] | None = attrs.field(init=False, default=None)
-    _registered: list[type[Command]] = attrs.field(init=False, factory=list)
+    _registration: Registration | None = attrs.field(init=False, default=None)
     _background: set[Deferred[Any]] = attrs.field(init=False, factory=set)
 
     @classmethod
@@ -413,8 +413,7 @@ class RemoteManager(Service):
             # No control store serves the remote record (the persistence
             # subsystem registers store.remote.*): remote access is off.
             self._load_error = Unavailable(
-                "remote access is unavailable: the control store does not answer "
-                "store.remote.load"
+                "remote access is unavailable: the control store does not answer store.remote.load"
             )
             self.log.warn("{error}", error=self._load_error.detail)
             self._report_health()
@@ -898,29 +897,26 @@ class RemoteManager(Service):
     # Commands
 
     def _register(self) -> None:
-        handlers: list[tuple[type[Command], Callable[..., Any]]] = [
-            (ConfigureRemote, self._handle_configure),
-            (DisableRemote, self._handle_disable),
-            (GetRemoteStatus, self._handle_status),
-            (AddRemoteAlias, self._handle_add_alias),
-            (RemoveRemoteAlias, self._handle_remove_alias),
-            (ListRemoteAliases, self._handle_list_aliases),
-            (ListRemoteCertificates, self._handle_list_certificates),
-            (RenewRemoteCertificate, self._handle_renew),
-            (RotateRemoteDeviceKey, self._handle_rotate),
-            (GetAcmeChallenge, self._handle_challenge),
-        ]
-        try:
-            for command_type, handler in handlers:
-                self.dispatcher.register(command_type, handler)
-                self._registered.append(command_type)
-        except Exception:
-            self._unregister()
-            raise
+        self._registration = register_all(
+            self.dispatcher,
+            [
+                (ConfigureRemote, self._handle_configure),
+                (DisableRemote, self._handle_disable),
+                (GetRemoteStatus, self._handle_status),
+                (AddRemoteAlias, self._handle_add_alias),
+                (RemoveRemoteAlias, self._handle_remove_alias),
+                (ListRemoteAliases, self._handle_list_aliases),
+                (ListRemoteCertificates, self._handle_list_certificates),
+                (RenewRemoteCertificate, self._handle_renew),
+                (RotateRemoteDeviceKey, self._handle_rotate),
+                (GetAcmeChallenge, self._handle_challenge),
+            ],
+        )
 
     def _unregister(self) -> None:
-        while self._registered:
-            self.dispatcher.unregister(self._registered.pop())
+        registration, self._registration = self._registration, None
+        if registration is not None:
+            registration.cancel()
 
     async def _read(self) -> RemoteState:
         await self._mutex.acquire()

@@ -71,21 +71,24 @@ class MemoryRemoteStore:
     saves: int = 0
     #: Errors the next saves fail with, in order (nothing is stored then).
     fail_saves: list[PiccolodError] = attrs.field(factory=list)
-    _registered: list[type[Command]] = attrs.field(init=False, factory=list)
+    _registration: Any = attrs.field(init=False, default=None)
 
     def register(self) -> MemoryRemoteStore:
-        for command_type, handler in (
-            (StoreLoadRemote, self._load),
-            (StoreSaveRemote, self._save),
-            (StoreClearRemote, self._clear),
-        ):
-            self.dispatcher.register(command_type, handler)
-            self._registered.append(command_type)
+        from piccolod.kernel.dispatcher import register_all
+
+        self._registration = register_all(
+            self.dispatcher,
+            [
+                (StoreLoadRemote, self._load),
+                (StoreSaveRemote, self._save),
+                (StoreClearRemote, self._clear),
+            ],
+        )
         return self
 
     def unregister(self) -> None:
-        while self._registered:
-            self.dispatcher.unregister(self._registered.pop())
+        if self._registration is not None:
+            self._registration.cancel()
 
     def _check(self) -> None:
         if self.locked:
