@@ -13,7 +13,7 @@ is reopened with a growing delay when it breaks.
 
 :class:`PodmanContainers` is the ``containers=podman`` plugin service: at
 start it pings the socket; if nobody answers and ``start_service`` is set
-it spawns ``podman system service --time=0 unix://<socket>`` itself (with
+it spawns ``podman system service --time=<idle_timeout> unix://<socket>`` itself (with
 ``CONTAINERS_CONF`` when configured) and stops it by PID on stop.  When
 podman is not usable and ``fallback = "fake"`` it says so LOUDLY (a
 critical log line and the ``containers`` health component at ``warn``) and
@@ -82,6 +82,7 @@ CONFIG_KEYS: dict[str, Any] = {
     "containers_conf": "",
     "fallback": "fake",
     "ping_timeout": 10.0,
+    "idle_timeout": 60,
 }
 
 _STATES = {
@@ -599,6 +600,10 @@ class PodmanContainers(Service):
     containers_conf: str = ""
     fallback: str = "fake"
     ping_timeout: float = 10.0
+    #: ``podman system service --time``: a service we spawned exits by itself
+    #: this many seconds after its last connection closes (our event stream
+    #: keeps it alive), so it never outlives a piccolod that was SIGKILLed.
+    idle_timeout: int = 60
     delegate: Any = attrs.field(init=False, default=None)
     _outcome: Failure | bool | None = attrs.field(init=False, default=None)
     _waiters: list[Deferred[None]] = attrs.field(init=False, factory=list)
@@ -629,6 +634,7 @@ class PodmanContainers(Service):
             containers_conf=conf,
             fallback=str(fallback),
             ping_timeout=float(config.get("ping_timeout", 10.0)),
+            idle_timeout=int(config.get("idle_timeout", 60)),
         )
 
     @property
@@ -718,7 +724,13 @@ class PodmanContainers(Service):
         self._process = self.reactor.spawnProcess(
             self._protocol,
             binary,
-            [binary, "system", "service", "--time=0", f"unix://{self.socket_path}"],
+            [
+                binary,
+                "system",
+                "service",
+                f"--time={self.idle_timeout}",
+                f"unix://{self.socket_path}",
+            ],
             env=env,
         )
         self.log.info(
