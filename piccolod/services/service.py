@@ -235,7 +235,10 @@ class ServiceManager(Service):
         leader_address: str | None = None,
     ) -> list[RouteEntry]:
         """Serve ``app``'s ``listeners`` (see ``services.expose``); fires with the routes."""
-        if not self._unlocked:
+        # The retained lock state, not our own copy of it: a subscriber that
+        # reacts to the same unlock event may ask before ours was delivered.
+        last = self.bus.last(LockStateChanged.topic)
+        if last is None or getattr(last.event, "state", None) is not LockState.UNLOCKED:
             raise Locked("storage is locked: no app is exposed while locked")
         assert self.allocator is not None
         target_host = "127.0.0.1"
