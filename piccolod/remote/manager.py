@@ -546,7 +546,6 @@ class RemoteManager(Service):
         else:
             routes = compute_routes(state, self._published, self.registry, self.api_address)
         self._routes = routes
-        self._publish_routes(routes)
         assert self.tls is not None
         certificates = dict(state.certificates) if active and state is not None else {}
         by_name = {
@@ -560,6 +559,7 @@ class RemoteManager(Service):
             self._background_run(self._stop_tls())
         specs = tunnel_specs(state, routes, self.tls.port) if state is not None else ()
         self.tunnel.apply(specs)
+        self._publish_routes(routes)  # after apply: with the ports the tunnels hold now
         if active and state is not None and state.settings.acme is not None:
             self._start_renewal()
         else:

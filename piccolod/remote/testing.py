@@ -69,8 +69,9 @@ class MemoryRemoteStore:
     record: dict[str, Any] | None = None
     updated_at: float = 0.0
     saves: int = 0
-    #: Errors the next saves fail with, in order (nothing is stored then).
-    fail_saves: list[PiccolodError] = attrs.field(factory=list)
+    #: What the next saves do, in order: fail with the error (nothing is
+    #: stored), or succeed for ``None``.
+    fail_saves: list[PiccolodError | None] = attrs.field(factory=list)
     _registration: Any = attrs.field(init=False, default=None)
 
     def register(self) -> MemoryRemoteStore:
@@ -103,7 +104,9 @@ class MemoryRemoteStore:
     def _save(self, command: StoreSaveRemote, context: CommandContext) -> StoredRemote:
         self._check()
         if self.fail_saves:
-            raise self.fail_saves.pop(0)
+            error = self.fail_saves.pop(0)
+            if error is not None:
+                raise error
         self.record = _copy(command.record)
         self.saves += 1
         return StoredRemote(record=_copy(self.record), updated_at=self.updated_at)

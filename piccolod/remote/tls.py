@@ -26,6 +26,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import connectProtocol, serverFromString
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -234,4 +235,4 @@ class TLSTerminator:
             if conn.transport is not None:
                 conn.transport.abortConnection()  # type: ignore[attr-defined]
         if port is not None:
-            await port.stopListening()  # type: ignore[misc]
+            await maybeDeferred(port.stopListening)
