@@ -650,6 +650,22 @@ class PodmanContainers(Service):
     # -- ISupervisedService ---------------------------------------------------
 
     def when_ready(self) -> Deferred[None]:
+        """
+        With a fallback, ready at once: connecting to (or starting) podman
+        goes on in the background, so one slow ``podman system service``
+        start does not hold back the daemon's readiness.  Until it answers,
+        runtime calls fail with ``NotReady`` (the app controller retries
+        with backoff) and the ``containers`` health component says so.
+        Without a fallback (``fallback = ""``) readiness waits for podman
+        and fails when it is not usable.  :meth:`when_connected` fires once
+        a runtime (podman, or the loud fallback) is in use.
+        """
+        if self.fallback != "fake":
+            return self.when_connected()
+        return Deferred.fromCoroutine(_none())
+
+    def when_connected(self) -> Deferred[None]:
+        """Fires once podman (or the fallback) is in use; fails if neither."""
         if self._outcome is not None:
             if isinstance(self._outcome, Failure):
                 return Deferred.fromCoroutine(_raise(self._outcome))
@@ -665,6 +681,7 @@ class PodmanContainers(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
+        self._report(HealthLevel.WARN, f"connecting to podman at {self.socket_path}")
         Deferred.fromCoroutine(self._start()).addCallbacks(self._started, self._failed_start)
 
     def _started(self, _: object) -> None:

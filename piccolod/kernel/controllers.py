@@ -272,6 +272,9 @@ class Controller(Service):
     _resync_loop: LoopingCall | None = attrs.field(init=False, default=None)
     _pumping: bool = attrs.field(init=False, default=False)
     _kick: IDelayedCall | None = attrs.field(init=False, default=None)
+    #: A resync retried after a failure, and how many failed in a row.
+    _resync_retry: IDelayedCall | None = attrs.field(init=False, default=None)
+    _resync_failures: int = attrs.field(init=False, default=0)
     _counts: collections.Counter[str] = attrs.field(init=False, factory=collections.Counter)
 
     # -- IController --------------------------------------------------------
@@ -389,6 +392,10 @@ class Controller(Service):
             if self._kick.active():
                 self._kick.cancel()
             self._kick = None
+        if self._resync_retry is not None:
+            if self._resync_retry.active():
+                self._resync_retry.cancel()
+            self._resync_retry = None
         for key, (due, timer) in list(self._waiting.items()):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -570,7 +577,33 @@ class Controller(Service):
                 d.callback(None)
 
     def _periodic_resync(self) -> Deferred[None]:
-        def failed(failure: Failure) -> None:
-            self.log.failure("{controller}: resync failed", failure=failure, controller=self.name)
+        """
+        Resync; a failed one (the store still locked, the runtime still
+        starting) is retried with the controller's backoff instead of
+        waiting a whole ``resync_interval``.
+        """
+        if self._resync_retry is not None and self._resync_retry.active():
+            self._resync_retry.cancel()
+        self._resync_retry = None
 
-        return self.resync().addErrback(failed)
+        def succeeded(_: object) -> None:
+            self._resync_failures = 0
+
+        def failed(failure: Failure) -> None:
+            delay = self.backoff.delay(self._resync_failures, self.rand)
+            self._resync_failures += 1
+            if isinstance(failure.value, PiccolodError):
+                self.log.info(
+                    "{controller}: resync failed ({error}); again in {delay:.2f} s",
+                    controller=self.name,
+                    error=failure.value.detail,
+                    delay=delay,
+                )
+            else:
+                self.log.failure(
+                    "{controller}: resync failed", failure=failure, controller=self.name
+                )
+            if self.running:
+                self._resync_retry = self.clock.callLater(delay, self._periodic_resync)
+
+        return self.resync().addCallbacks(succeeded, failed)

@@ -119,6 +119,7 @@ class PodmanPluginServiceTests(SynchronousTestCase):
         service.startService()
         self.addCleanup(lambda: wait(service.stopService()))
         wait(service.when_ready())
+        wait(service.when_connected())
         self.assertEqual(service.kind, "podman")
         self.assertEqual(health.component("containers").level, HealthLevel.OK)
         self.assertTrue(wait(service.image_exists(PODMAN.image)))
@@ -132,6 +133,7 @@ class PodmanPluginServiceTests(SynchronousTestCase):
         )
         service.startService()
         wait(service.when_ready())
+        wait(service.when_connected())
         self.assertEqual(service.kind, "podman")
         pid = service._process.pid
         self.assertTrue(wait(service.image_exists(PODMAN.image)))
@@ -147,6 +149,7 @@ class PodmanPluginServiceTests(SynchronousTestCase):
         service.startService()
         self.addCleanup(lambda: wait(service.stopService()))
         wait(service.when_ready())
+        wait(service.when_connected())
         self.assertEqual(service.kind, "fake (fallback)")
         component = health.component("containers")
         self.assertEqual(component.level, HealthLevel.WARN)

@@ -431,14 +431,16 @@ class ControllerTests(SynchronousTestCase):
         self.assertEqual(self.reconciler.keys_calls, 1)
 
     def test_failing_resync_keeps_going(self) -> None:
-        """A keys() failure is logged and the next periodic resync still runs."""
+        """A keys() failure is logged, retried with backoff, and periodic resyncs go on."""
         reconciler = FakeReconciler(lambda key: None)
         reconciler.key_list = RuntimeError("store down")
         self.make(reconciler, resync_interval=60.0)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         reconciler.key_list = ["a"]
-        self.clock.advance(60)
+        self.clock.advance(1)  # the retry, well before the next period
         self.assertEqual(reconciler.calls, ["a"])
+        self.clock.advance(60)
+        self.assertEqual(reconciler.calls, ["a", "a"])
 
     def test_resync_fails_for_bad_listing(self) -> None:
         """resync() fails with TypeError when keys() returns no iterable; bad keys are skipped."""
@@ -701,3 +703,42 @@ ControllerMachine.TestCase.settings = settings(
     max_examples=100, stateful_step_count=40, deadline=None
 )
 TestControllerMachine = ControllerMachine.TestCase
+
+
+class ResyncRetryTests(SynchronousTestCase):
+    def test_a_failed_resync_is_retried_with_backoff(self) -> None:
+        """A resync that fails (runtime still starting) is retried soon, not a period later."""
+        from piccolod.errors import NotReady
+        from piccolod.interfaces import Backoff
+
+        clock = Clock()
+        reconciled: list[str] = []
+        state = {"ready": False}
+
+        from zope.interface import implementer
+
+        from piccolod.interfaces import IReconciler
+
+        @implementer(IReconciler)
+        class Source:
+            def keys(self) -> list[str]:
+                if not state["ready"]:
+                    raise NotReady("the container runtime is still starting")
+                return ["a", "b"]
+
+            def reconcile(self, key: str) -> None:
+                reconciled.append(key)
+
+        controller = Controller(
+            "retry", Source(), clock, backoff=Backoff(1.0, 8.0, 2.0, 0.0), resync_interval=300.0
+        )
+        controller.startService()
+        clock.advance(0)
+        self.assertEqual(reconciled, [])
+        clock.advance(1.0)  # first retry: still failing
+        state["ready"] = True
+        clock.advance(2.0)  # second retry after 2 s: succeeds
+        clock.advance(0)
+        self.assertEqual(sorted(reconciled), ["a", "b"])
+        self.successResultOf(controller.stopService())
+        self.assertEqual(clock.getDelayedCalls(), [])
