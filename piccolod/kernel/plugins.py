@@ -62,8 +62,10 @@ class SubsystemContext:
             ) from None
 
 
-def _frozen_mapping(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
-    return types.MappingProxyType(dict(mapping))
+def _frozen_keys(keys: Mapping[str, Any] | str) -> Mapping[str, Any] | str:
+    if isinstance(keys, str):
+        return keys
+    return types.MappingProxyType(dict(keys))
 
 
 @implementer(IPlugin, ISubsystemPlugin)
@@ -80,9 +82,21 @@ class SubsystemPlugin:
     factory: str
     provides: tuple[type[Interface], ...] = ()
     requires: tuple[type[Interface], ...] = ()
-    config_keys: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    #: The section's keys with their defaults, or the dotted name of such a
+    #: mapping, imported only when the plugin is chosen (so that a plugin
+    #: file never imports its implementation: discovery stays cheap).
+    _config_keys: Mapping[str, Any] | str = attrs.field(
+        factory=dict, converter=_frozen_keys, alias="config_keys"
+    )
     #: Slots always started, even if no config section names them.
     default: bool = False
+
+    @property
+    def config_keys(self) -> Mapping[str, Any]:
+        keys = self._config_keys
+        if isinstance(keys, str):
+            return types.MappingProxyType(dict(namedAny(keys)))
+        return keys
 
     def build(self, context: Any) -> IService:
         factory = namedAny(self.factory)

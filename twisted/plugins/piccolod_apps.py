@@ -13,11 +13,8 @@ directory.)
 - ``services=proxy`` (default): persisted ports, TCP/HTTP proxies, routes.
 """
 
-from piccolod.apps.podman import CONFIG_KEYS as PODMAN_CONFIG
-from piccolod.apps.service import CONFIG_KEYS as APPS_CONFIG
 from piccolod.interfaces import IContainerRuntime, IControlStore, IServiceManager
 from piccolod.kernel.plugins import SubsystemPlugin
-from piccolod.services.service import CONFIG_KEYS as SERVICES_CONFIG
 
 containersPodman = SubsystemPlugin(
     slot="containers",
@@ -26,8 +23,7 @@ containersPodman = SubsystemPlugin(
     factory="piccolod.apps.podman.PodmanContainers.from_context",
     provides=(IContainerRuntime,),
     # ignore: mypy cannot solve the generic MappingProxyType converter of
-    # SubsystemPlugin.config_keys (the same ignore as piccolod_consensus.py).
-    config_keys=PODMAN_CONFIG,  # type: ignore[arg-type]
+    config_keys="piccolod.apps.podman.CONFIG_KEYS",
     default=True,
 )
 
@@ -37,7 +33,7 @@ containersFake = SubsystemPlugin(
     description="In-memory stand-in: apps do not really run (tests, machines without podman)",
     factory="piccolod.apps.fake.FakeContainerRuntime.from_context",
     provides=(IContainerRuntime,),
-    config_keys={"images": []},  # type: ignore[dict-item]
+    config_keys={"images": []},
 )
 
 appsController = SubsystemPlugin(
@@ -49,7 +45,7 @@ appsController = SubsystemPlugin(
     # IControlStore for start order only: desired state is read through the
     # store.* commands that the persistence subsystem answers.
     requires=(IContainerRuntime, IServiceManager, IControlStore),
-    config_keys=APPS_CONFIG,  # type: ignore[arg-type]
+    config_keys="piccolod.apps.service.CONFIG_KEYS",
     default=True,
 )
 
@@ -59,6 +55,6 @@ servicesProxy = SubsystemPlugin(
     description="Persisted ports, TCP and HTTP reverse proxies, the route table",
     factory="piccolod.services.service.ServiceManager.from_context",
     provides=(IServiceManager,),
-    config_keys=SERVICES_CONFIG,  # type: ignore[arg-type]
+    config_keys="piccolod.services.service.CONFIG_KEYS",
     default=True,
 )

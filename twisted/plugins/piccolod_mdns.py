@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from piccolod.interfaces import IMdnsResponder
 from piccolod.kernel.plugins import SubsystemPlugin
-from piccolod.mdns.service import CONFIG_KEYS
 
 mdnsMulticast = SubsystemPlugin(
     slot="mdns",
@@ -21,7 +20,7 @@ mdnsMulticast = SubsystemPlugin(
     ),
     factory="piccolod.mdns.service.MulticastResponderService.from_context",
     provides=(IMdnsResponder,),
-    config_keys=CONFIG_KEYS,
+    config_keys="piccolod.mdns.service.CONFIG_KEYS",
 )
 
 mdnsNull = SubsystemPlugin(
