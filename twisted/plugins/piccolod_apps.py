@@ -22,7 +22,6 @@ containersPodman = SubsystemPlugin(
     description="Podman over its REST socket (falls back loudly to fake when unusable)",
     factory="piccolod.apps.podman.PodmanContainers.from_context",
     provides=(IContainerRuntime,),
-    # ignore: mypy cannot solve the generic MappingProxyType converter of
     config_keys="piccolod.apps.podman.CONFIG_KEYS",
     default=True,
 )
