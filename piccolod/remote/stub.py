@@ -102,7 +102,7 @@ class StubTunnel(Service):
 
     def _status_of(self, spec: TunnelSpec) -> TunnelStatus:
         forwards = []
-        for forward in spec.forwards:
+        for forward in sorted(spec.forwards, key=lambda f: f.name):
             bound = forward.bind_port or self._fake_port(spec.name, forward.bind_host, forward.name)
             forwards.append(
                 ForwardStatus(

@@ -215,14 +215,20 @@ class TLSTerminator:
         self._serials = {h: s for h, s in self._serials.items() if h in contexts}
         self.routes = dict(routes)
 
+    def factory(self) -> TLSMemoryBIOFactory:
+        """The server factory: TLS with SNI, each connection spliced by its name."""
+        return TLSMemoryBIOFactory(
+            _SNICreator(self),
+            False,
+            Factory.forProtocol(lambda: _TLSSplice(self)),
+            clock=self.reactor,  # small writes are coalesced on this clock
+        )
+
     async def start(self) -> int:
         """Listen (idempotent); returns the port."""
         if self._port is None:
-            factory = TLSMemoryBIOFactory(
-                _SNICreator(self), False, Factory.forProtocol(lambda: _TLSSplice(self))
-            )
             endpoint = serverFromString(self.reactor, self.listen)
-            self._port = await endpoint.listen(factory)
+            self._port = await endpoint.listen(self.factory())
             self.log.info("TLS terminator listening on port {port}", port=self.port)
         port = self.port
         assert port is not None
