@@ -304,6 +304,8 @@ class ResourceElection:
     renew_failures: int = attrs.field(init=False, default=0)
     deadline_misses: int = attrs.field(init=False, default=0)
     leases_lost: int = attrs.field(init=False, default=0)
+    #: How often the registry refused etcd's view (terms going backwards).
+    refusals: int = attrs.field(init=False, default=0)
     _keepalive: LoopingCall | None = attrs.field(init=False, default=None)
     _renewing: list[Deferred[None]] | None = attrs.field(init=False, default=None)
     _deadline: IDelayedCall | None = attrs.field(init=False, default=None)
@@ -371,6 +373,7 @@ class ResourceElection:
             renew_failures=self.renew_failures,
             deadline_misses=self.deadline_misses,
             leases_lost=self.leases_lost,
+            refusals=self.refusals,
             rounds=self.rounds,
             last_error=self.last_error,
         )
@@ -695,10 +698,12 @@ class ResourceElection:
             self._deadline.cancel()
         self._deadline = None
 
-    def _deadline_passed(self) -> None:
+    def _deadline_passed(self, poke_later: bool = False) -> None:
         """
         No renewal confirmed in time: a leader steps down before its lease
         can expire; a follower no longer knows who leads (``unknown``).
+        With ``poke_later`` the campaign loop is woken on the next turn
+        (not from inside the I/O being delivered).
         """
         self._deadline = None
         if self.role is Role.UNKNOWN:
@@ -722,7 +727,10 @@ class ResourceElection:
                 deadline=self.owner.settings.renew_deadline,
             )
             self._set_unknown("no contact with etcd")
-        self._poke("renew deadline passed")
+        if poke_later:
+            self.clock.callLater(0, self._poke, "renew deadline passed")
+        else:
+            self._poke("renew deadline passed")
 
     # -- roles --------------------------------------------------------------------
 
@@ -769,6 +777,7 @@ class ResourceElection:
 
     def _refused(self, error: PiccolodError) -> None:
         """The registry refused what etcd says (its revisions went backwards?)."""
+        self.refusals += 1
         self.log.error(
             "{resource}: the leadership registry refused etcd's view: {error}",
             resource=self.resource,
@@ -965,6 +974,7 @@ class EtcdConsensus(Service):
 
     def __attrs_post_init__(self) -> None:
         Service.__init__(self)
+        self.client.on_receive = self._check_deadlines
         for resource in (CONTROL_PLANE, *self.settings.resources):
             _check_resource(resource)
             if resource not in self._elections:
@@ -1171,6 +1181,18 @@ class EtcdConsensus(Service):
             resources=tuple(resources),
             backend=backend,
         )
+
+    def _check_deadlines(self) -> None:
+        """
+        Apply overdue renew deadlines now.  Called before any answer from
+        etcd is handled: after a pause (SIGSTOP, a long stall) the reactor
+        may handle I/O before it runs the overdue deadline timers, and
+        nothing may act on a leadership whose deadline has passed.
+        """
+        now = self.clock.seconds()
+        for election in list(self._elections.values()):
+            if election.role is not Role.UNKNOWN and now >= election._deadline_at():
+                election._deadline_passed(poke_later=True)
 
     # -- membership ---------------------------------------------------------------
 

@@ -357,6 +357,10 @@ class EtcdClient:
     clock: IReactorTime
     request_timeout: float = attrs.field(default=2.0, validator=_positive)
     on_close: Callable[[], Any] | None = None
+    #: Called whenever an answer or stream data from etcd arrives, before
+    #: it is handled (consensus checks its renew deadlines there: after a
+    #: pause the reactor may deliver I/O before it runs overdue timers).
+    on_receive: Callable[[], None] | None = None
     _current: int = attrs.field(init=False, default=0)
     _states: dict[str, EndpointState] = attrs.field(init=False, factory=dict)
     #: Live watches, cancelled by :meth:`close`.
@@ -409,6 +413,13 @@ class EtcdClient:
                 self.log.warn("etcd endpoint {endpoint} failed: {error}", endpoint=url, error=error)
         state.healthy = healthy
         state.last_error = error
+
+    def _received(self) -> None:
+        if self.on_receive is not None:
+            try:
+                self.on_receive()
+            except Exception:
+                self.log.failure("on_receive hook")
 
     def _rotate(self, url: str) -> None:
         if self.current == url:
@@ -464,7 +475,10 @@ class EtcdClient:
     async def _attempt(self, url: str, path: str, data: bytes) -> dict[str, Any]:
         d = Deferred.fromCoroutine(self._request(url, path, data))
         d.addTimeout(self.request_timeout, self.clock)
-        return await d
+        try:
+            return await d
+        finally:
+            self._received()  # before anything handles the outcome
 
     async def _request(self, url: str, path: str, data: bytes) -> dict[str, Any]:
         response = await self.http.post(
@@ -693,9 +707,12 @@ class EtcdClient:
         d = Deferred.fromCoroutine(probe())
         d.addTimeout(self.request_timeout, self.clock)
         try:
-            return await d
+            result = await d
         except _PROBE_ERRORS as e:
+            self._received()
             raise EtcdUnavailable(f"{url}: {_describe(e)}") from None
+        self._received()
+        return result
 
     def status(self) -> Deferred[dict[str, Any]]:
         """``maintenance/status`` of the current endpoint (version, leader, db size)."""
@@ -830,6 +847,7 @@ class Watch:
             headers={b"Content-Type": [b"application/json"]},
             unbuffered=True,
         )
+        self.client._received()
         self._request = None
         if self._ended:
             response.deliverBody(_Discard())
@@ -842,6 +860,7 @@ class Watch:
         response.deliverBody(self._protocol)
 
     def _open_failed(self, failure: Failure) -> None:
+        self.client._received()
         self._request = None
         if self._ended:
             return
@@ -955,6 +974,8 @@ class _LineProtocol(Protocol):
         self.buffer = b""
 
     def dataReceived(self, data: bytes) -> None:
+        if self.watch is not None:
+            self.watch.client._received()
         self.buffer += data
         while self.watch is not None:
             line, sep, rest = self.buffer.partition(b"\n")
@@ -977,6 +998,7 @@ class _LineProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         if self.watch is not None:
             watch, self.watch = self.watch, None
+            watch.client._received()
             watch._lost(reason)
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,6 +39,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -819,6 +820,9 @@ class FakeEtcdHTTP:
     @ivar blackhole: every request of this client hangs until cancelled.
     @ivar paused: :meth:`FakeEtcd.pump` delivers nothing to this client
         (a stopped process); :meth:`flush` delivers what waited.
+    @ivar latency: answers reach the client only on the next
+        :meth:`flush` (etcd acted at once; the client learns later), so a
+        pause can fall between the two.
     @ivar sent: the paths this client requested, in order.
     """
 
@@ -827,10 +831,27 @@ class FakeEtcdHTTP:
     refuse: bool = False
     blackhole: bool = False
     paused: bool = False
+    latency: bool = False
+    after_delivery: Callable[[], None] | None = None
     sent: list[str] = attrs.field(factory=list)
+    _arrived: list[tuple[Deferred[Any], Any]] = attrs.field(factory=list)
 
     def flush(self) -> None:
-        """Deliver what the fake wrote to this client's connections."""
+        """
+        Deliver what the fake wrote to this client: answers that waited
+        (with ``latency``) first, then stream data; ``after_delivery`` is
+        called after each answer.
+        """
+        arrived, self._arrived = self._arrived, []
+        for d, result in arrived:
+            if d.called:  # cancelled meanwhile
+                continue
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+            if self.after_delivery is not None:
+                self.after_delivery()
         self.stub.flush()
 
     def post(self, url: str, **kwargs: Any) -> Deferred[Any]:
@@ -851,4 +872,13 @@ class FakeEtcdHTTP:
         else:
             stub = self.stub
             d = stub.post(url, **kwargs) if method == "POST" else stub.get(url, **kwargs)
-        return d
+        if not self.latency:
+            return d
+        late: Deferred[Any] = Deferred(lambda _: d.cancel())
+
+        def arrived(result: Any) -> None:
+            self._arrived.append((late, result))
+            self.etcd._writes += 1  # so that pump() goes round once more
+
+        d.addBoth(arrived)
+        return late

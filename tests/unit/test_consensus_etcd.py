@@ -76,6 +76,7 @@ class Node:
         self.clock = Clock()
         self.clock.advance(world.clock.seconds())
         self.http = world.etcd.http()
+        self.http.latency = world.latency
         self.bus = MemoryEventBus(self.clock)
         self.registry = LeadershipRegistry(self.bus, name)
         self.dispatcher = CommandDispatcher(self.clock, self.bus, registry=self.registry)
@@ -97,6 +98,8 @@ class Node:
         self.changes: list[LeadershipRoleChanged] = []
         self.bus.subscribe(LeadershipRoleChanged.topic, lambda env: self.changes.append(env.event))
         self.crashed = False
+        #: When set, the node is paused in the step that reaches this time.
+        self.pause_at: float | None = None
 
     @property
     def paused(self) -> bool:
@@ -121,7 +124,8 @@ class Node:
 class World:
     """A FakeEtcd and nodes on it, advanced together in small steps."""
 
-    def __init__(self, nodes: int = 3, **overrides: Any) -> None:
+    def __init__(self, nodes: int = 3, latency: bool = False, **overrides: Any) -> None:
+        self.latency = latency
         self.clock = Clock()
         self.clock.advance(10_000)
         self.etcd = FakeEtcd(self.clock, MEMBERS, min_ttl=1, quorum_timeout=7.0)
@@ -142,7 +146,17 @@ class World:
             self.clock.advance(seconds / steps)
             for node in self.nodes:
                 if not node.paused and not node.crashed:
+                    sent = len(node.http.sent)
                     node.clock.advance(seconds / steps)
+                    if node.pause_at is not None and (
+                        node.pause_at <= self.clock.seconds()
+                        or (node.pause_at == float("inf") and len(node.http.sent) > sent)
+                    ):
+                        # Paused right after this step's requests went out
+                        # (pause_at = inf: after the next request), before
+                        # their answers arrive.
+                        node.pause_at = None
+                        self.pause(node)
             self.etcd.pump()
             if check is not None:
                 check()
@@ -196,6 +210,7 @@ class World:
 
     def stop_all(self) -> None:
         for node in self.nodes:
+            node.pause_at = None
             node.http.refuse = node.http.blackhole = False
             if node.paused and not node.crashed:
                 self.resume(node)
@@ -376,6 +391,33 @@ class ElectionTests(SynchronousTestCase):
         self.assertEqual(world.etcd.count("kv/txn"), txns)
         leader.clock.advance(0)
         self.assertIsNot(leader.role(), Role.LEADER)
+
+    def test_a_late_answer_counts_from_when_the_renewal_was_sent(self) -> None:
+        """A keepalive answered after a stall extends leadership from its send time only."""
+        world = World(1, latency=True)
+        world.start()
+        self.addCleanup(world.stop_all)
+        world.advance(0.5)
+        leader = world.leader()
+        leader.pause_at = float("inf")
+        while not leader.paused or leader.http.sent[-1] != "/v3/lease/keepalive":
+            if leader.paused:
+                world.resume(leader)
+                leader.pause_at = float("inf")
+            world.advance(STEP)
+        sent_at = leader.clock.seconds()
+        election = leader.consensus.election(CONTROL_PLANE)
+        assert election is not None and election.lease is not None
+        world.advance(0.9)  # stalled with the answer in flight
+        leader.http.paused = False
+        leader.clock.rightNow = world.clock.seconds()
+        leader.http.flush()  # the answer (TTL 2) arrives 0.9 s late
+        self.assertIs(leader.role(), Role.LEADER)
+        self.assertLessEqual(election.fresh_until(), sent_at + 1.4)
+        leader.http.refuse = True  # and no renewal succeeds after it
+        leader.clock.advance(0)
+        world.until(lambda: leader.role() is not Role.LEADER, 1.0, "step down")
+        self.assertLessEqual(leader.clock.seconds(), sent_at + 1.4 + STEP)
 
     def test_leader_whose_lease_expired_at_etcd_steps_down(self) -> None:
         """A keepalive answered without TTL (lease gone) makes the leader step down at once."""
