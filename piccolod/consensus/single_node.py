@@ -15,6 +15,8 @@ service and every claim is a fresh, fenced leadership.
 - **release(resource)** steps down to ``UNKNOWN`` (not ``FOLLOWER``: on a
   single node there is no other leader to follow, and ``UNKNOWN`` is never
   treated as leader) and stops tracking it.
+- **cluster.status** answers this node as the only member, with the
+  registry's state of every resource.
 - **stop** unregisters the handlers and steps down from everything it
   leads (roles become ``UNKNOWN``); the tracked set is kept, so the next
   start claims the same resources again with greater terms.
@@ -32,7 +34,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from piccolod.commands import (
+    ClusterStatus,
     CommandContext,
+    GetClusterStatus,
     LeadershipResult,
     ReleaseResource,
     TrackResource,
@@ -178,6 +182,11 @@ class SingleNodeConsensus(Service):
             self.dispatcher.register(TrackResource, self._handle_track)
             try:
                 self.dispatcher.register(ReleaseResource, self._handle_release)
+                try:
+                    self.dispatcher.register(GetClusterStatus, self._handle_status)
+                except Exception:
+                    self.dispatcher.unregister(ReleaseResource)
+                    raise
             except Exception:
                 self.dispatcher.unregister(TrackResource)
                 raise
@@ -197,6 +206,7 @@ class SingleNodeConsensus(Service):
         if self.dispatcher is not None:
             self.dispatcher.unregister(TrackResource)
             self.dispatcher.unregister(ReleaseResource)
+            self.dispatcher.unregister(GetClusterStatus)
         for resource in self._tracked:
             self._step_down(resource)
         self.log.info("single-node consensus: {node_id} stepped down", node_id=self.node_id)
@@ -228,6 +238,14 @@ class SingleNodeConsensus(Service):
 
     def _handle_track(self, command: TrackResource, context: CommandContext) -> Deferred[Any]:
         return self.track(command.resource_name).addCallback(_result)
+
+    def _handle_status(self, command: GetClusterStatus, context: CommandContext) -> ClusterStatus:
+        return ClusterStatus(
+            node_id=self.node_id,
+            variant="single-node",
+            members=({"node_id": self.node_id, "api_address": self.api_address, "self": True},),
+            resources=tuple(s.to_json() for s in self.registry.states()),
+        )
 
     def _handle_release(self, command: ReleaseResource, context: CommandContext) -> Deferred[Any]:
         resource = command.resource_name
