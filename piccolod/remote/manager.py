@@ -117,7 +117,7 @@ from piccolod.remote.model import (
     RemoteState,
     settings_to_json,
 )
-from piccolod.remote.routes import RemoteRoute, compute_routes, tunnel_specs
+from piccolod.remote.routes import RemoteRoute, compute_routes, resources_of, tunnel_specs
 from piccolod.remote.store import RemoteStoreClient
 from piccolod.remote.tls import TLSTerminator
 
@@ -237,6 +237,7 @@ class RemoteManager(Service):
     _acme_jobs: dict[str, IJobHandle] = attrs.field(init=False, factory=dict)
     _renewal: IService | None = attrs.field(init=False, default=None)
     _tls_busy: bool = attrs.field(init=False, default=False)
+    _reconciling: bool = attrs.field(init=False, default=False)
     _pinning: set[str] = attrs.field(init=False, factory=set)
     _subscriptions: list[ISubscription] = attrs.field(init=False, factory=list)
     _unwatch: Callable[[], None] | None = attrs.field(init=False, default=None)
@@ -330,7 +331,8 @@ class RemoteManager(Service):
     # IRemoteManager
 
     def routes(self) -> Sequence[Mapping[str, Any]]:
-        return [self._route_json(r) for r in self._routes]
+        bound = self._bound_ports()
+        return [self._route_json(r, bound) for r in self._routes]
 
     def challenge(self, token: str) -> str | None:
         return self._challenges.get(token)
@@ -369,7 +371,13 @@ class RemoteManager(Service):
         self._reconcile()
 
     def _on_leadership(self, envelope: Envelope[Any]) -> None:
-        if isinstance(envelope.event, LeadershipRoleChanged):
+        event = envelope.event
+        state = self._state
+        if (
+            isinstance(event, LeadershipRoleChanged)
+            and state is not None
+            and event.resource in resources_of(state)
+        ):
             self._reconcile()
 
     def _on_tunnel_status(self, status: TunnelStatus) -> None:
@@ -387,7 +395,8 @@ class RemoteManager(Service):
             ):
                 self._pinning.add(tunnel.name)
                 self._background_run(self._pin(tunnel.name, status.host_key))
-        self._publish_routes(self._routes)
+        if not self._reconciling:  # _reconcile publishes once the tunnels are applied
+            self._publish_routes(self._routes)
 
     # ------------------------------------------------------------------
     # Loading and shutting down
@@ -558,7 +567,11 @@ class RemoteManager(Service):
         elif not wants_tls and self.tls.port is not None and not self._tls_busy:
             self._background_run(self._stop_tls())
         specs = tunnel_specs(state, routes, self.tls.port) if state is not None else ()
-        self.tunnel.apply(specs)
+        self._reconciling = True
+        try:
+            self.tunnel.apply(specs)
+        finally:
+            self._reconciling = False
         self._publish_routes(routes)  # after apply: with the ports the tunnels hold now
         if active and state is not None and state.settings.acme is not None:
             self._start_renewal()
@@ -605,15 +618,17 @@ class RemoteManager(Service):
             return
         self.log.failure("remote background task failed", failure)
 
-    def _remote_ports(self, route: RemoteRoute) -> tuple[tuple[str, int], ...]:
-        ports = []
+    def _bound_ports(self) -> dict[str, tuple[tuple[str, int], ...]]:
+        """Forward name → ``(tunnel, bound port)`` of every active forward (one pass)."""
+        ports: dict[str, list[tuple[str, int]]] = {}
         for status in self.tunnel.status():
             for forward in status.forwards:
-                if forward.name == route.forward_name and forward.state == "active":
-                    ports.append((status.name, forward.bound_port))
-        return tuple(sorted(ports))
+                if forward.state == "active":
+                    ports.setdefault(forward.name, []).append((status.name, forward.bound_port))
+        return {name: tuple(sorted(found)) for name, found in ports.items()}
 
     def _publish_routes(self, routes: Sequence[RemoteRoute]) -> None:
+        bound = self._bound_ports()
         current: dict[str, RemoteRouteChanged] = {}
         for route in routes:
             current[route.target] = RemoteRouteChanged(
@@ -622,13 +637,14 @@ class RemoteManager(Service):
                 host=route.host,
                 port=route.port,
                 hostnames=route.hostnames,
-                remote_ports=self._remote_ports(route),
+                remote_ports=bound.get(route.forward_name, ()),
                 reason=route.reason,
             )
-        for target, event in sorted(current.items()):
-            if self._route_events.get(target) != event:
+        previous = self._route_events
+        for target, event in current.items():
+            if previous.get(target) != event:
                 self.bus.publish(event, source=SOURCE)
-        for target, old in sorted(self._route_events.items()):
+        for target, old in previous.items():
             if target not in current:
                 self.bus.publish(
                     attrs.evolve(old, withdrawn=True, remote_ports=(), reason="not exposed"),
@@ -636,9 +652,12 @@ class RemoteManager(Service):
                 )
         self._route_events = current
 
-    def _route_json(self, route: RemoteRoute) -> dict[str, Any]:
+    def _route_json(
+        self, route: RemoteRoute, bound: Mapping[str, tuple[tuple[str, int], ...]] | None = None
+    ) -> dict[str, Any]:
         out = route.to_json()
-        out["remote_ports"] = {name: port for name, port in self._remote_ports(route)}
+        found = (bound if bound is not None else self._bound_ports()).get(route.forward_name, ())
+        out["remote_ports"] = dict(found)
         return out
 
     # ------------------------------------------------------------------
@@ -845,6 +864,7 @@ class RemoteManager(Service):
         if state is None:
             raise Locked("remote access configuration needs unlocked storage")
         assert self.tls is not None
+        bound = self._bound_ports()
         return RemoteStatus(
             state=self._overall(state),
             enabled=state.enabled,
@@ -852,7 +872,7 @@ class RemoteManager(Service):
             device_public_key=device_public_key(state.device_key) if state.device_key else "",
             config=settings_to_json(state.settings) if state.configured else {},
             aliases=tuple(a.to_json() for a in state.aliases),
-            routes=tuple(self._route_json(r) for r in self._routes),
+            routes=tuple(self._route_json(r, bound) for r in self._routes),
             tunnels=tuple(s.to_json() for s in self.tunnel.status()),
             certificates=self._certificates(state),
             tls_port=self.tls.port,

@@ -38,6 +38,7 @@ __all__ = [
     "LeadershipView",
     "RemoteRoute",
     "compute_routes",
+    "resources_of",
     "split_address",
     "tunnel_specs",
 ]
@@ -120,20 +121,35 @@ def _route(
     remote_port: int,
     hostnames: tuple[str, ...],
 ) -> RemoteRoute:
-    base = RemoteRoute(target, resource, "unavailable", "", 0, remote_port, hostnames)
+    # Plain constructor calls, not attrs.evolve: this runs per target per event.
     if leadership.is_leader(resource):
         if local is None:
-            return attrs.evolve(base, reason="this node leads it but does not serve it")
-        return attrs.evolve(base, mode="local", host=local[0], port=local[1])
+            return RemoteRoute(
+                target, resource, "unavailable", "", 0, remote_port, hostnames,
+                "this node leads it but does not serve it",
+            )  # fmt: skip
+        return RemoteRoute(target, resource, "local", local[0], local[1], remote_port, hostnames)
     state = leadership.state(resource)
     if state.role is not Role.FOLLOWER:
-        return attrs.evolve(base, reason=f"no leader known for {resource}")
+        return RemoteRoute(
+            target, resource, "unavailable", "", 0, remote_port, hostnames,
+            f"no leader known for {resource}",
+        )  # fmt: skip
     leader = via_leader(state)
     if leader is None:
-        return attrs.evolve(
-            base, reason=f"the leader of {resource} ({state.leader_id}) has no known address"
-        )
-    return attrs.evolve(base, mode="leader", host=leader[0], port=leader[1])
+        return RemoteRoute(
+            target, resource, "unavailable", "", 0, remote_port, hostnames,
+            f"the leader of {resource} ({state.leader_id}) has no known address",
+        )  # fmt: skip
+    return RemoteRoute(target, resource, "leader", leader[0], leader[1], remote_port, hostnames)
+
+
+def resources_of(state: RemoteState) -> set[str]:
+    """The leadership resources the route table depends on."""
+    found = {f"app:{e.app}" for e in state.settings.expose}
+    if state.settings.expose_portal:
+        found.add(CONTROL_PLANE_RESOURCE)
+    return found
 
 
 def compute_routes(

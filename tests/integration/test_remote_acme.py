@@ -52,6 +52,11 @@ HOSTNAME = "test.example"
 
 def _require() -> None:
     missing = [t for t in ("pebble", "pebble-challtestsrv", "openssl") if not shutil.which(t)]
+    for module in ("acme", "josepy"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(f"python package {module}")
     if missing:
         message = f"missing tools: {', '.join(missing)}"
         if REQUIRE:

@@ -53,6 +53,10 @@ SSHD = "/usr/sbin/sshd"
 
 def _require() -> None:
     missing = [t for t in (SSHD, "ssh-keygen", "useradd", "usermod") if shutil.which(t) is None]
+    try:
+        import twisted.conch.ssh.keys  # noqa: F401  (needs twisted[conch]: bcrypt)
+    except ImportError:
+        missing.append("twisted[conch]")
     problem = f"missing tools: {', '.join(missing)}" if missing else ""
     if not problem and os.geteuid() != 0:
         problem = "needs root (useradd, /run/sshd)"
