@@ -6,8 +6,10 @@ has the blocking :class:`AcmeBackend` (the ``acme`` library, which uses
 ``requests``) open an order in a thread of the injected pool, publishes the
 HTTP-01 key authorizations in the challenge table that piccolod's own HTTP
 stack answers from (``GET /.well-known/acme-challenge/{token}`` →
-``remote.acme_challenge``), lets the backend answer the challenges, poll
-and finalise in the pool again, withdraws the tokens whatever happened,
+``remote.acme_challenge``), has the backend answer the challenges, polls
+the authorizations in short pool steps with the waiting between polls on
+the reactor (no thread sleeps through a validation; a stopping daemon
+never waits for one), withdraws the tokens whatever happened, finalises,
 and checks the chain (it must be for the new key and name the hostname)
 before handing back a :class:`~piccolod.remote.model.Certificate`.  Nothing
 is stored here: the manager stores key and chain together, in one write,
@@ -28,6 +30,7 @@ from collections.abc import Callable, MutableMapping
 from typing import Any, Protocol, TypeVar
 
 import attrs
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -76,20 +79,35 @@ class IssueRequest:
 
 
 class AcmeBackend(Protocol):
-    """The blocking ACME conversation (called in a pool thread, never on the reactor)."""
+    """
+    The blocking ACME conversation, in short steps (each called in a pool
+    thread, never on the reactor; the waiting between polls happens on the
+    reactor, so no thread sleeps through a long validation and stopping
+    the daemon never waits for one).  Every step raises ``AcmeFailure``.
+    """
 
     def begin(self, request: IssueRequest) -> tuple[Any, list[Challenge], str]:
         """
         Register (or find) the account and open an order; returns the
         order's handle, the challenges to publish (none for authorizations
-        already valid) and the account URL.  Raises ``AcmeFailure``.
+        already valid) and the account URL.
         """
 
-    def finish(self, handle: Any, deadline: float) -> str:
+    def answer(self, handle: Any) -> None:
+        """Tell the server the challenges can be validated now."""
+
+    def poll(self, handle: Any) -> bool:
         """
-        Answer the challenges, wait for validation, finalise; returns the
-        PEM chain (leaf first).  ``deadline`` is seconds since the epoch.
-        Raises ``AcmeFailure``.
+        Fetch the pending authorizations once: ``True`` when every one is
+        valid, ``False`` while some are pending; raises ``AcmeFailure`` with
+        the server's reason when one is invalid (the challenge failed).
+        """
+
+    def finalize(self, handle: Any, deadline: float) -> str:
+        """
+        Send the CSR and fetch the certificate; returns the PEM chain
+        (leaf first).  Blocks at most until ``deadline`` (seconds since
+        the epoch).
         """
 
 
@@ -98,6 +116,7 @@ class _Order:
     client: Any
     order: Any
     answers: list[tuple[Any, Any]]
+    pending: list[Any]
 
 
 def _validation_detail(error: Any) -> str:
@@ -115,6 +134,8 @@ class LibAcmeBackend:
     """:class:`AcmeBackend` on the ``acme`` library (imported on first use)."""
 
     user_agent = "piccolod"
+    #: Seconds one HTTP request to the ACME server may take.
+    timeout = 15
 
     def begin(self, request: IssueRequest) -> tuple[Any, list[Challenge], str]:
         try:
@@ -135,7 +156,9 @@ class LibAcmeBackend:
             )
         )
         verify: Any = request.ca_bundle or True  # a CA bundle path goes to requests' verify=
-        net = client.ClientNetwork(key, user_agent=self.user_agent, verify_ssl=verify)
+        net = client.ClientNetwork(
+            key, user_agent=self.user_agent, verify_ssl=verify, timeout=self.timeout
+        )
         directory = client.ClientV2.get_directory(request.directory_url, net)
         acme = client.ClientV2(directory, net=net)
         registration = messages.NewRegistration.from_data(
@@ -151,9 +174,11 @@ class LibAcmeBackend:
         order = acme.new_order(csr)
         found: list[Challenge] = []
         answers: list[tuple[Any, Any]] = []
+        pending: list[Any] = []
         for authzr in order.authorizations:
             if authzr.body.status == messages.STATUS_VALID:
                 continue  # reused authorization: nothing to prove
+            pending.append(authzr)
             challb = next(
                 (c for c in authzr.body.challenges if isinstance(c.chall, challenges.HTTP01)),
                 None,
@@ -165,21 +190,44 @@ class LibAcmeBackend:
             response, validation = challb.response_and_validation(key)
             found.append(Challenge(challb.chall.encode("token"), validation))
             answers.append((challb, response))
-        return _Order(acme, order, answers), found, str(account.uri)
+        return _Order(acme, order, answers, pending), found, str(account.uri)
 
-    def finish(self, handle: Any, deadline: float) -> str:
-        from acme import errors
-
+    def answer(self, handle: Any) -> None:
         try:
             for challb, response in handle.answers:
                 handle.client.answer_challenge(challb, response)
-            order = handle.client.poll_and_finalize(
-                handle.order, deadline=datetime.datetime.fromtimestamp(deadline)
+        except Exception as e:
+            raise AcmeFailure(f"answering the challenges failed: {_describe(e)}") from None
+
+    def poll(self, handle: Any) -> bool:
+        from acme import messages
+
+        try:
+            still: list[Any] = []
+            failed: list[Any] = []
+            for authzr in handle.pending:
+                updated, _response = handle.client.poll(authzr)
+                status = updated.body.status
+                if status == messages.STATUS_VALID:
+                    continue
+                if status in (messages.STATUS_PENDING, messages.STATUS_PROCESSING):
+                    still.append(updated)
+                else:
+                    failed.append(updated)
+        except Exception as e:
+            raise AcmeFailure(f"polling the authorizations failed: {_describe(e)}") from None
+        if failed:
+            holder = type("Failed", (), {"failed_authzrs": failed})()
+            raise AcmeFailure(f"the HTTP-01 challenge failed: {_validation_detail(holder)}")
+        handle.pending = still
+        return not still
+
+    def finalize(self, handle: Any, deadline: float) -> str:
+        try:
+            order = handle.client.begin_finalization(handle.order)
+            order = handle.client.poll_finalization(
+                order, deadline=datetime.datetime.fromtimestamp(deadline)
             )
-        except errors.ValidationError as e:
-            raise AcmeFailure(f"the HTTP-01 challenge failed: {_validation_detail(e)}") from None
-        except errors.TimeoutError:
-            raise AcmeFailure("the order was not ready before the deadline") from None
         except Exception as e:
             raise AcmeFailure(f"finalising the order failed: {_describe(e)}") from None
         if not order.fullchain_pem:
@@ -211,6 +259,10 @@ class AcmeIssuer:
     challenges: MutableMapping[str, str]
     backend: AcmeBackend = attrs.field(factory=LibAcmeBackend)
     timeout: float = 300.0
+    #: Seconds between two polls of the authorizations (on the reactor).
+    poll_interval: float = 1.0
+    #: Seconds the finalisation step may block a pool thread.
+    finalize_timeout: float = 60.0
     make_key: Callable[[], str] = generate_domain_key
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
@@ -236,12 +288,20 @@ class AcmeIssuer:
         handle, challenges, account_uri = await self._blocking(self.backend.begin, request)
         for challenge in challenges:
             self.challenges[challenge.token] = challenge.key_authorization
+        deadline = self.reactor.seconds() + self.timeout
         try:
-            deadline = self.reactor.seconds() + self.timeout
-            chain = await self._blocking(self.backend.finish, handle, deadline)
+            await self._blocking(self.backend.answer, handle)
+            while not await self._blocking(self.backend.poll, handle):
+                if self.reactor.seconds() >= deadline:
+                    raise AcmeFailure(
+                        f"the server did not validate the challenges within {self.timeout:g}s"
+                    )
+                await deferLater(self.reactor, self.poll_interval, lambda: None)
         finally:
             for challenge in challenges:
                 self.challenges.pop(challenge.token, None)
+        finalize_by = min(deadline, self.reactor.seconds() + self.finalize_timeout)
+        chain = await self._blocking(self.backend.finalize, handle, finalize_by)
         try:
             info = read_chain(chain, domain_key, hostname)
         except PiccolodError as e:

@@ -164,10 +164,11 @@ class FakeAcmeBackend:
     """
     ``AcmeBackend`` issuing from a throwaway CA (leaf + intermediate).
 
-    @ivar validate: ``token -> key authorization or None``, called at
-        :meth:`finish` like a server fetching the HTTP-01 resource; a
-        missing or wrong answer fails the attempt.
-    @ivar failures: errors for the next :meth:`finish` calls, in order.
+    @ivar validate: ``token -> key authorization or None``, called by
+        :meth:`poll` like a server fetching the HTTP-01 resource; a missing
+        or wrong answer fails the attempt.
+    @ivar failures: errors for the next :meth:`poll` calls, in order.
+    @ivar pending_polls: how many polls answer "still pending" first.
     @ivar now: seconds since the epoch for the issued validity.
     @ivar lifetime: seconds of validity of issued certificates.
     """
@@ -176,6 +177,8 @@ class FakeAcmeBackend:
     validate: Callable[[str], str | None] | None = None
     failures: list[BaseException] = attrs.field(factory=list)
     lifetime: float = 90 * 86400.0
+    pending_polls: int = 0
+    answered: int = 0
     requests: list[IssueRequest] = attrs.field(factory=list)
     issued: list[str] = attrs.field(factory=list)
     validated: list[str] = attrs.field(factory=list)
@@ -224,10 +227,16 @@ class FakeAcmeBackend:
         ]
         return (request, challenges), challenges, "https://acme.test/acct/1"
 
-    def finish(self, handle: Any, deadline: float) -> str:
-        request, challenges = handle
+    def answer(self, handle: Any) -> None:
+        self.answered += 1
+
+    def poll(self, handle: Any) -> bool:
+        _request, challenges = handle
         if self.failures:
             raise self.failures.pop(0)
+        if self.pending_polls:
+            self.pending_polls -= 1
+            return False
         for challenge in challenges:
             answer = self.validate(challenge.token) if self.validate is not None else None
             if self.validate is not None and answer != challenge.key_authorization:
@@ -236,6 +245,10 @@ class FakeAcmeBackend:
                     f"{challenge.token} answered {answer!r}"
                 )
             self.validated.append(challenge.token)
+        return True
+
+    def finalize(self, handle: Any, deadline: float) -> str:
+        request, _challenges = handle
         key: Any = serialization.load_pem_private_key(
             request.domain_key_pem.encode("ascii"), password=None
         )

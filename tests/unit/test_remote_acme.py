@@ -53,7 +53,33 @@ class IssuerTests(SynchronousTestCase):
         )
         self.assertEqual(request.domain_key_pem, certificate.key_pem)
         self.assertNotIn("ACCOUNT KEY", repr(request))
-        self.assertEqual(self.pool.calls, 3)  # key, order, validation: never on the reactor
+        # key, order, answer, poll, finalisation: each in the pool, never on the reactor
+        self.assertEqual(self.pool.calls, 5)
+
+    def test_polls_on_the_reactor_until_valid(self) -> None:
+        """While validation is pending the issuer waits on the clock, not in a thread."""
+        self.backend.pending_polls = 2
+        d = self.issue()
+        self.assertNoResult(d)
+        calls = self.pool.calls
+        self.reactor.advance(1.0)
+        self.assertNoResult(d)
+        self.assertEqual(self.pool.calls, calls + 1)  # one short poll per interval
+        self.assertIn("token-1", self.challenges)  # still published while pending
+        self.reactor.advance(1.0)
+        certificate, _ = self.successResultOf(d)
+        self.assertEqual(certificate.hostname, "portal.example.net")
+        self.assertEqual(self.challenges, {})
+
+    def test_validation_that_never_ends_times_out(self) -> None:
+        """Pending past the issuer's timeout is an AcmeFailure; tokens are withdrawn."""
+        self.issuer.timeout = 10.0
+        self.backend.pending_polls = 1000
+        d = self.issue()
+        self.reactor.pump([1.0] * 11)
+        failure = self.failureResultOf(d, AcmeFailure)
+        self.assertIn("within 10s", failure.value.detail)
+        self.assertEqual(self.challenges, {})
 
     def test_keys_differ_per_issuance(self) -> None:
         """Every issuance makes a new certificate key."""
@@ -84,8 +110,14 @@ class IssuerTests(SynchronousTestCase):
             def begin(self, request: IssueRequest) -> Any:
                 return backend.begin(attrs.evolve(request, domain_key_pem=make_key()))
 
-            def finish(self, handle: Any, deadline: float) -> str:
-                return backend.finish(handle, deadline)
+            def answer(self, handle: Any) -> None:
+                backend.answer(handle)
+
+            def poll(self, handle: Any) -> bool:
+                return backend.poll(handle)
+
+            def finalize(self, handle: Any, deadline: float) -> str:
+                return backend.finalize(handle, deadline)
 
         self.issuer.backend = OtherKey()
         failure = self.failureResultOf(self.issue(), AcmeFailure)
@@ -100,17 +132,66 @@ class LibraryBackendTests(SynchronousTestCase):
             LibAcmeBackend().begin(request)
         self.assertIn("opening the order failed", caught.exception.detail)
 
-    def test_finish_failures_become_acme_failures(self) -> None:
-        """A handle that cannot answer its challenges fails as an AcmeFailure too."""
+    def test_step_failures_become_acme_failures(self) -> None:
+        """Answering, polling or finalising failures are AcmeFailures naming the step."""
 
         class Broken:
             def answer_challenge(self, challb: Any, response: Any) -> None:
                 raise ConnectionError("the ACME server went away")
 
-        handle = type("H", (), {"client": Broken(), "answers": [(1, 2)], "order": None})()
+            def poll(self, authzr: Any) -> Any:
+                raise ConnectionError("the ACME server went away")
+
+            def begin_finalization(self, order: Any) -> Any:
+                raise ConnectionError("the ACME server went away")
+
+        handle = type("H", (), {"client": Broken(), "answers": [(1, 2)], "order": None,
+                                "pending": [object()]})()  # fmt: skip
+        backend = LibAcmeBackend()
+        for step, call in (
+            ("answering", lambda: backend.answer(handle)),
+            ("polling", lambda: backend.poll(handle)),
+            ("finalising", lambda: backend.finalize(handle, 1_700_000_000.0)),
+        ):
+            with self.assertRaises(AcmeFailure) as caught:
+                call()
+            self.assertIn(step, caught.exception.detail)
+            self.assertIn("went away", caught.exception.detail)
+
+    def test_invalid_authorization_fails_with_its_reason(self) -> None:
+        """An authorization that turned invalid is reported with the server's error."""
+        from acme import messages
+
+        def ns(**kw: Any) -> Any:
+            return type("NS", (), kw)()
+
+        invalid = ns(
+            body=ns(
+                status=messages.STATUS_INVALID,
+                identifier=ns(value="a.example.net"),
+                challenges=[ns(error=ns(detail="404 for the token"))],
+            )
+        )
+        valid = ns(body=ns(status=messages.STATUS_VALID))
+        pending = ns(body=ns(status=messages.STATUS_PENDING))
+
+        class Client:
+            def __init__(self, answers: list[Any]) -> None:
+                self.answers = answers
+
+            def poll(self, authzr: Any) -> Any:
+                return self.answers.pop(0), None
+
+        handle = type("H", (), {"client": Client([valid, pending]), "pending": [1, 2]})()
+        self.assertFalse(LibAcmeBackend().poll(handle))
+        self.assertEqual(handle.pending, [pending])
+        handle.client = Client([invalid])
         with self.assertRaises(AcmeFailure) as caught:
-            LibAcmeBackend().finish(handle, 1_700_000_000.0)
-        self.assertIn("went away", caught.exception.detail)
+            LibAcmeBackend().poll(handle)
+        self.assertEqual(
+            caught.exception.detail,
+            "the HTTP-01 challenge failed: a.example.net: 404 for the token",
+        )
 
     def test_validation_detail_names_the_failed_identifiers(self) -> None:
         """A validation error lists each identifier's challenge error."""

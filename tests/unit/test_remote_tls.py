@@ -31,7 +31,9 @@ def issue(ca: FakeAcmeBackend, hostname: str) -> StoredCertificate:
     key = generate_domain_key()
     request = IssueRequest("https://x/dir", (hostname,), "ACCOUNT", key)
     handle, _, _ = ca.begin(request)
-    chain = ca.finish(handle, 0.0)
+    ca.answer(handle)
+    assert ca.poll(handle)
+    chain = ca.finalize(handle, 0.0)
     info = read_chain(chain, key, hostname)
     return StoredCertificate(
         hostname, key, chain, info.not_before, info.not_after, info.serial, info.issuer, 0.0
