@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call"
 """
 Remote access figures.
 

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call,untyped-decorator"
 """
 Certificates from Debian's ``pebble`` ACME test server, validated for real
 over HTTP-01 against piccolod's own HTTP stack, and served by the TLS
@@ -31,6 +32,7 @@ import pytest
 import pytest_twisted
 from cryptography import x509
 from twisted.internet import threads
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.web.server import Site
 
@@ -231,13 +233,14 @@ class Stack:
         self.listening: Any = None
 
     def listen(self) -> None:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as _reactor
 
+        reactor: Any = _reactor
         self.listening = reactor.listenTCP(self.port, self.site, interface="127.0.0.1")
 
     async def close(self) -> None:
         if self.listening is not None:
-            await self.listening.stopListening()
+            await maybeDeferred(self.listening.stopListening)
             self.listening = None
 
     def challenges_served(self) -> int:
@@ -245,7 +248,9 @@ class Stack:
 
 
 async def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
 
     deadline = time.monotonic() + timeout
     while True:
@@ -275,7 +280,9 @@ def tls_get(port: int, root_pem: bytes, hostname: str) -> tuple[bytes, int]:
 
 @pytest_twisted.async_yield_fixture
 async def setup(pebble: Pebble) -> AsyncIterator[Any]:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
 
     harness = RemoteHarness.build(
         reactor,

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call,untyped-decorator"
 """
 Remote access over the real control store: while storage is locked every
 remote call answers 423 through the API routes, and no secret of the
@@ -24,6 +25,7 @@ import pytest
 import pytest_twisted
 import treq
 from cryptography.hazmat.primitives import serialization
+from twisted.internet.defer import maybeDeferred
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
@@ -81,7 +83,9 @@ def shim_store_remote(dispatcher: Any, persistence: PersistenceService) -> Any:
 
 @pytest_twisted.async_yield_fixture
 async def world(tmp_path: Path) -> AsyncIterator[Any]:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
 
     bus = MemoryEventBus(reactor)
     registry = LeadershipRegistry(bus, "node-a")
@@ -136,7 +140,7 @@ async def world(tmp_path: Path) -> AsyncIterator[Any]:
             "state_dir": tmp_path,
         }
     finally:
-        await port.stopListening()
+        await maybeDeferred(port.stopListening)
         await manager.stopService()
         tunnel.stopService()
         await jobs.stopService()
@@ -213,7 +217,9 @@ async def test_locked_answers_423_and_no_secret_is_readable_from_disk(world: Any
     code, body = await call("POST", f"{url}/api/v1/remote/configure", configure.to_json())
     assert code == 200, body
     assert body["device_public_key"].startswith("ssh-ed25519 ")
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
     from twisted.internet.task import deferLater
 
     for _ in range(200):

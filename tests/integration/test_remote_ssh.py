@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call,untyped-decorator"
 """
 The ``ssh`` tunnel against a real OpenSSH server on loopback.
 
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -216,7 +218,9 @@ DIAGNOSE: list[Callable[[], str]] = []
 
 async def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
     """Poll ``check`` on the reactor until it returns something truthy."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
 
     deadline = time.monotonic() + timeout
     while True:
@@ -257,7 +261,9 @@ def sshd() -> Any:
 
 @pytest_twisted.async_yield_fixture
 async def harness() -> AsyncIterator[Any]:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
 
     portal = reactor.listenTCP(0, Site(Text(b"portal ok")), interface="127.0.0.1")
     app = reactor.listenTCP(0, Site(Text(b"app ok")), interface="127.0.0.1")
@@ -282,8 +288,8 @@ async def harness() -> AsyncIterator[Any]:
         yield built
     finally:
         await built.stop()
-        await portal.stopListening()
-        await app.stopListening()
+        await maybeDeferred(portal.stopListening)
+        await maybeDeferred(app.stopListening)
 
 
 def _tunnel(status: RemoteStatus) -> dict[str, Any]:
@@ -388,7 +394,9 @@ async def test_a_changed_host_key_is_refused_and_not_retried(sshd: Sshd, harness
     assert RemoteState.from_record(harness.store.record).settings.tunnels[0].host_key == pinned
     seen = sshd.connections()
     # Several backoff periods (max 1 s here) later: no new connection attempt.
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
 
     await deferLater(reactor, 3.0, lambda: None)
     assert sshd.connections() == seen, sshd.log()

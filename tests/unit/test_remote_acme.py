@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call"
 """
 The ACME issuer on the reactor side, with a fake ACME server at the
 backend seam (the real ``acme`` library runs against pebble in

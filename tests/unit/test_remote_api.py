@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call"
 """
 The remote routes (``remote_routes``) through ``StubTreq`` against a real
 manager, and ``piccolodctl remote`` (``piccolod.cli_remote``) over them.
@@ -45,7 +46,7 @@ class APICase(SynchronousTestCase):
         acme.validate = self.h.manager.challenge
         self.subjects: list[str] = []
 
-        def policy(command: Any, context: Any, next_: Any) -> Deferred[Any]:
+        def policy(command: Any, context: Any, next_: Any) -> Any:
             self.subjects.append(context.subject)
             if context.subject == "anonymous":
                 return fail(PolicyDenied("anonymous may not"))
@@ -60,7 +61,7 @@ class APICase(SynchronousTestCase):
         self.settle()
         router = Router()
         remote_routes(router, self.h)
-        self.treq = StubTreq(router)
+        self.treq: Any = StubTreq(router)
         self.addCleanup(self.stop)
 
     def stop(self) -> None:

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call"
 """
 The remote manager on a Clock: the real bus, registry, dispatcher (lock
 and leader gates) and job runner, the ``store.remote.*`` commands answered
@@ -146,7 +147,7 @@ class ManagerCase(SynchronousTestCase):
         self.settle()
         return self.successResultOf(d)
 
-    def fail_command(self, command: Command, *errors: type[BaseException]) -> BaseException:
+    def fail_command(self, command: Command, *errors: type[BaseException]) -> Any:
         d = self.h.dispatch(command)
         self.settle()
         return self.failureResultOf(d, *errors).value
@@ -279,7 +280,7 @@ class ConfigureTests(ManagerCase):
 
     def test_invalid_configurations_are_refused(self) -> None:
         """Duplicate ports, names or hostnames and bad fingerprints never become commands."""
-        bad = [
+        bad: list[dict[str, Any]] = [
             {"portal_port": 8081},  # the blog's remote port
             {"https_port": 8081},
             {"portal_hostname": BLOG},

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call"
 """The remote record (stored form, validation), the remote command values, and key material."""
 
 from __future__ import annotations

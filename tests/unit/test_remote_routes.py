@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call"
 """The remote route table (pure functions): local, via the leader, unavailable; tunnel specs."""
 
 from __future__ import annotations

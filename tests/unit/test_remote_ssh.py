@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call"
 """
 The ``ssh`` tunnel adapter on a Clock, with a fake SSH server at the
 transport seam (:class:`piccolod.remote.testing.FakeSSHServer`): host key

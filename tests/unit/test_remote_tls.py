@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call"
 """
 The SNI TLS terminator in memory (``iosim``): the client's SNI name picks
 the certificate and the route; the cleartext is spliced to the target both

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-untyped-call"
 """
 One contract for every tunnel adapter (``ITunnel``): the ``stub`` and the
 ``ssh`` adapter (over the fake SSH server at its transport seam) must
