@@ -238,6 +238,7 @@ class RemoteManager(Service):
     _renewal: IService | None = attrs.field(init=False, default=None)
     _tls_busy: bool = attrs.field(init=False, default=False)
     _reconciling: bool = attrs.field(init=False, default=False)
+    _tls_error: str = attrs.field(init=False, default="")
     _pinning: set[str] = attrs.field(init=False, factory=set)
     _subscriptions: list[ISubscription] = attrs.field(init=False, factory=list)
     _unwatch: Callable[[], None] | None = attrs.field(init=False, default=None)
@@ -585,10 +586,14 @@ class RemoteManager(Service):
         try:
             await self.tls.start()
         except Exception as e:
-            self.log.error("the TLS terminator cannot listen: {error}", error=str(e))
+            # Tried again at the next change; health says why meanwhile.
+            self._tls_error = f"the TLS terminator cannot listen on {self.config.tls_listen}: {e}"
+            self.log.error("{error}", error=self._tls_error)
+            self._report_health()
             return
         finally:
             self._tls_busy = False
+        self._tls_error = ""
         self._reconcile()
 
     async def _stop_tls(self) -> None:
@@ -746,7 +751,9 @@ class RemoteManager(Service):
             await self._mutate(store, f"stored the certificate of {hostname}")
         except Exception as e:
             self._issue_failed(hostname, status, control, e)
-            if isinstance(e, PiccolodError) and not isinstance(e, InvalidCommand):
+            if isinstance(e, CancelledError) or (
+                isinstance(e, PiccolodError) and not isinstance(e, InvalidCommand)
+            ):
                 raise
             raise TransientError(f"issuing the certificate of {hostname}: {e}") from None
         status.state, status.last_error = "ok", ""
@@ -886,7 +893,9 @@ class RemoteManager(Service):
             # Nothing is exposed and nothing an operator can fix here: not a fault.
             self.health.report(HEALTH, HealthLevel.OK, self._load_error.detail)
         elif self._load_error is not None:
-            self.health.report(HEALTH, HealthLevel.ERROR, self._load_error.detail)
+            # Not ERROR: the health escalator would restart the slot, which
+            # cannot repair a record; nothing is exposed meanwhile.
+            self.health.report(HEALTH, HealthLevel.WARN, self._load_error.detail)
         elif state is None:
             self.health.report(HEALTH, HealthLevel.OK, "locked: remote access is stopped")
         else:
@@ -898,6 +907,8 @@ class RemoteManager(Service):
                 else (HealthLevel.WARN)
             )
             message = overall
+            if self._tls_error:
+                level, message = HealthLevel.WARN, f"{overall}; {self._tls_error}"
             if unavailable:
                 message += "; unavailable: " + ", ".join(
                     f"{r.target} ({r.reason})" for r in unavailable

@@ -329,6 +329,29 @@ class ConfigureTests(ManagerCase):
         self.assertIn("store.remote.load", component.message)
         self.h.store.register()  # so that the cleanup can unregister them
 
+    def test_tls_listen_failure_is_reported_and_retried(self) -> None:
+        """A TLS port that cannot be bound shows in health; the next change tries again."""
+        from twisted.internet.error import CannotListenError
+
+        listen = self.reactor.listenTCP
+
+        def refuse(port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+            raise CannotListenError(interface, port, OSError("address in use"))
+
+        self.reactor.listenTCP = refuse  # type: ignore[method-assign]
+        self.run_command(configuration())
+        component = self.h.health.component("remote")
+        self.assertEqual(component.level, HealthLevel.WARN)
+        self.assertIn("cannot listen", component.message)
+        self.assertIsNone(self.status().tls_port)
+        self.assertNotIn("https", {f["name"] for f in self.h.tunnel.exposed()["default"]})
+        self.flushLoggedErrors()
+        self.reactor.listenTCP = listen  # type: ignore[method-assign]
+        self.run_command(AddRemoteAlias(hostname="www.example.net"))
+        self.assertEqual(self.status().tls_port, 8443)
+        self.assertEqual(self.h.health.component("remote").level, HealthLevel.OK)
+        self.assertIn("https", {f["name"] for f in self.h.tunnel.exposed()["default"]})
+
     def test_corrupt_record(self) -> None:
         """A stored record of another layout is reported, never overwritten."""
         self.h.store.record = {"version": 99}
@@ -339,7 +362,9 @@ class ConfigureTests(ManagerCase):
         self.fail_command(GetRemoteStatus(), NotReady)
         self.fail_command(configuration(), NotReady)
         self.assertEqual(self.h.store.record, {"version": 99})
-        self.assertEqual(self.h.health.component("remote").level, HealthLevel.ERROR)
+        component = self.h.health.component("remote")
+        self.assertEqual(component.level, HealthLevel.WARN)  # a restart would not help
+        self.assertIn("unusable", component.message)
 
 
 class RouteTests(ManagerCase):
