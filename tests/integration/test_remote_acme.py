@@ -207,9 +207,11 @@ class Pebble:
 def pebble(tmp_path: Path) -> Any:
     _require()
     server = Pebble(tmp_path)
-    server.start()
-    yield server
-    server.stop()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()  # also what a failed start left running
 
 
 class Stack:

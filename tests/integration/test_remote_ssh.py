@@ -251,12 +251,14 @@ def sshd() -> Any:
     root = Path(tempfile.mkdtemp(prefix="piccolod-sshd-"))
     root.chmod(0o755)
     server = Sshd(root, free_port())
-    server.start()
-    DIAGNOSE.append(lambda: "sshd log:\n" + server.log())
-    yield server
-    DIAGNOSE.clear()
-    server.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        server.start()
+        DIAGNOSE.append(lambda: "sshd log:\n" + server.log())
+        yield server
+    finally:
+        DIAGNOSE.clear()
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest_twisted.async_yield_fixture
