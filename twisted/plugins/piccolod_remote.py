@@ -14,8 +14,6 @@ Drop-in plugins of the remote subsystem.  (No ``__init__.py`` in
 
 from piccolod.interfaces import IRemoteManager, ITunnel
 from piccolod.kernel.plugins import SubsystemPlugin
-from piccolod.remote.model import CONFIG_KEYS as REMOTE_KEYS
-from piccolod.remote.ssh import CONFIG_KEYS as SSH_KEYS
 
 remoteManager = SubsystemPlugin(
     slot="remote",
@@ -27,9 +25,7 @@ remoteManager = SubsystemPlugin(
     factory="piccolod.remote.manager.RemoteManager.from_context",
     provides=(IRemoteManager,),
     requires=(ITunnel,),
-    # ignore: mypy cannot solve the generic MappingProxyType converter of
-    # SubsystemPlugin.config_keys (the same ignore as piccolod_consensus.py).
-    config_keys=REMOTE_KEYS,  # type: ignore[arg-type]
+    config_keys="piccolod.remote.model.CONFIG_KEYS",
     default=True,
 )
 
@@ -49,5 +45,5 @@ tunnelSsh = SubsystemPlugin(
     description="Reverse tunnels (tcpip-forward) with twisted.conch to OpenSSH servers",
     factory="piccolod.remote.ssh.SSHTunnelService.from_context",
     provides=(ITunnel,),
-    config_keys=SSH_KEYS,  # type: ignore[arg-type]
+    config_keys="piccolod.remote.ssh.CONFIG_KEYS",
 )
