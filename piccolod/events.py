@@ -441,6 +441,54 @@ class MdnsNameChanged(Event):
         return f"{self.kind}:{self.requested}"
 
 
+# --------------------------------------------------------------------------
+# Remote access
+
+
+@attrs.frozen
+class RemoteRouteChanged(Event):
+    """
+    A remote route changed: where a target (``portal`` or
+    ``<app>/<listener>``) is served from (``mode``: ``local``, ``leader``
+    or ``unavailable``), its hostnames and its port on the tunnel servers;
+    ``withdrawn`` when it is no longer exposed (or storage was locked).
+    """
+
+    topic: ClassVar[str] = "remote.route"
+    retained: ClassVar[bool] = True
+    target: str
+    mode: str
+    host: str = ""
+    port: int = 0
+    hostnames: tuple[str, ...] = ()
+    remote_ports: tuple[tuple[str, int], ...] = ()
+    reason: str = ""
+    withdrawn: bool = False
+
+    def key(self) -> str:
+        return self.target
+
+
+@attrs.frozen
+class RemoteCertificateChanged(Event):
+    """
+    A hostname's certificate was issued or renewed (``ok``), an issuance
+    attempt failed (``error``, with the reason; retried with backoff) or
+    started (``pending``).
+    """
+
+    topic: ClassVar[str] = "remote.certificate"
+    retained: ClassVar[bool] = True
+    hostname: str
+    state: str
+    not_after: float | None = None
+    error: str = ""
+    attempt: int = 0
+
+    def key(self) -> str:
+        return self.hostname
+
+
 #: Every event type by topic, for the API's topic listing and for decoding.
 TOPICS: dict[str, type[Event]] = {
     cls.topic: cls
@@ -464,5 +512,7 @@ TOPICS: dict[str, type[Event]] = {
         AppStateChanged,
         RoutePublished,
         MdnsNameChanged,
+        RemoteRouteChanged,
+        RemoteCertificateChanged,
     )
 }

@@ -78,18 +78,22 @@ from piccolod.commands import (
     SetupResult,
     SetupStorage,
     StorageStatus,
+    StoreClearRemote,
     StoredApp,
     StoredApps,
     StoreDeleteApp,
     StoreDeleteSetting,
     StoreDone,
+    StoredRemote,
     StoredSetting,
     StoredSettings,
     StoreGetApp,
     StoreGetSetting,
     StoreListApps,
     StoreListSettings,
+    StoreLoadRemote,
     StorePutApp,
+    StoreSaveRemote,
     StoreSetSetting,
     UnlockStorage,
     VerifyPassword,
@@ -652,6 +656,9 @@ class PersistenceService(Service):
             (StoreSetSetting, self._handle_store_set_setting),
             (StoreDeleteSetting, self._handle_store_delete_setting),
             (StoreListSettings, self._handle_store_list_settings),
+            (StoreLoadRemote, self._handle_store_load_remote),
+            (StoreSaveRemote, self._handle_store_save_remote),
+            (StoreClearRemote, self._handle_store_clear_remote),
         ]
         self._registration = register_all(self.dispatcher, handlers)
 
@@ -807,6 +814,24 @@ class PersistenceService(Service):
     ) -> StoredSettings:
         items = await self.settings.items()
         return StoredSettings({k: v for k, v in items.items() if k.startswith(command.prefix)})
+
+    async def _handle_store_load_remote(
+        self, command: StoreLoadRemote, context: CommandContext
+    ) -> StoredRemote:
+        record = await self.remote.get()  # NotFound when none is stored
+        return StoredRemote(record=dict(record.config), updated_at=record.updated_at)
+
+    async def _handle_store_save_remote(
+        self, command: StoreSaveRemote, context: CommandContext
+    ) -> StoredRemote:
+        record = await self.remote.save(command.record)
+        return StoredRemote(record=dict(record.config), updated_at=record.updated_at)
+
+    async def _handle_store_clear_remote(
+        self, command: StoreClearRemote, context: CommandContext
+    ) -> StoreDone:
+        await self.remote.clear()
+        return StoreDone()
 
     def _require_volumes(self) -> VolumeManagerLike:
         if self.volumes is None:

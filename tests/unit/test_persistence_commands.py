@@ -128,3 +128,24 @@ class DeleteVolumeTests(SynchronousTestCase):
             if isinstance(e, VolumeStateChanged) and e.state == "deleted"
         ]
         self.assertEqual(len(deleted), 2)
+
+
+class RemoteRecordTests(SynchronousTestCase):
+    def test_remote_record_round_trip(self) -> None:
+        """The remote record is saved, loaded and cleared; loading none is NotFound."""
+        from piccolod.commands import StoreClearRemote, StoreLoadRemote, StoreSaveRemote
+
+        box = Box(self)
+        box.result(box.service.setup(PASSWORD))
+        box.result(box.service.unlock(password=PASSWORD))
+        self.failureResultOf(box.dispatcher.dispatch(StoreLoadRemote()), NotFound)
+        saved = box.result(box.dispatcher.dispatch(StoreSaveRemote({"enabled": True, "k": "s"})))
+        self.assertEqual(saved.record, {"enabled": True, "k": "s"})
+        loaded = box.result(box.dispatcher.dispatch(StoreLoadRemote()))
+        self.assertEqual(loaded.record, {"enabled": True, "k": "s"})
+        self.assertNotIn("s", json.dumps(loaded.to_json()).replace("updated_at", ""))
+        box.result(box.dispatcher.dispatch(StoreClearRemote()))
+        box.result(box.dispatcher.dispatch(StoreClearRemote()))
+        self.failureResultOf(box.dispatcher.dispatch(StoreLoadRemote()), NotFound)
+        box.result(box.service.lock())
+        self.failureResultOf(box.dispatcher.dispatch(StoreLoadRemote()), Locked)
