@@ -13,9 +13,7 @@ singleNode = SubsystemPlugin(
     factory="piccolod.consensus.single_node.SingleNodeConsensus.from_context",
     provides=(IConsensus,),
     requires=(),
-    # ignore: mypy cannot solve the generic MappingProxyType converter of
-    # SubsystemPlugin.config_keys (fix proposed for piccolod/kernel/plugins.py).
-    config_keys={"resources": []},  # type: ignore[dict-item]
+    config_keys={"resources": []},
     default=True,
 )
 

@@ -22,8 +22,6 @@ sysfsDevices = SubsystemPlugin(
     factory="piccolod.devices.manager.DeviceManager.from_context",
     provides=(IDeviceManager,),
     requires=(),
-    # ignore: mypy cannot solve the generic MappingProxyType converter of
-    # SubsystemPlugin.config_keys (fix proposed for piccolod/kernel/plugins.py).
-    config_keys=DEVICES_CONFIG,  # type: ignore[arg-type]
+    config_keys=DEVICES_CONFIG,
     default=True,
 )

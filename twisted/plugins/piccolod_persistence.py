@@ -48,8 +48,6 @@ persistenceSqlcipher = SubsystemPlugin(
     provides=(IPersistence, IControlStore),
     # The volumes slot has a default variant (directory), so this always resolves.
     requires=(IVolumeAdapter,),
-    # ignore: mypy cannot solve the generic MappingProxyType converter of
-    # SubsystemPlugin.config_keys (the same ignore as piccolod_consensus.py).
-    config_keys=CONFIG_KEYS,  # type: ignore[arg-type]
+    config_keys=CONFIG_KEYS,
     default=True,
 )

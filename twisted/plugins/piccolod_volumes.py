@@ -44,7 +44,5 @@ gocryptfsVolumes = SubsystemPlugin(
     factory="piccolod.persistence.gocryptfs.GocryptfsVolumes.from_context",
     provides=(IVolumeAdapter,),
     requires=(),
-    # ignore: mypy cannot solve the generic MappingProxyType converter of
-    # SubsystemPlugin.config_keys (fix proposed for piccolod/kernel/plugins.py).
-    config_keys=GOCRYPTFS_CONFIG,  # type: ignore[arg-type]
+    config_keys=GOCRYPTFS_CONFIG,
 )
