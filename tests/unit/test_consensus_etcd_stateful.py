@@ -4,7 +4,8 @@ cluster of three members, each node on its own Clock: time passes in
 small steps while nodes are cut off (refused or black-holed), paused and
 resumed (I/O first, then overdue timers, as after SIGCONT), crashed and
 reborn under the same id, restarted; members stop or hang; the quorum is
-lost and restored; leaders and followers attempt fenced writes.
+lost and restored; leaders and followers attempt fenced writes; nodes
+track and release a second resource (``app:x``).
 
 Checked after every step of time (not only between rules):
 
@@ -31,12 +32,14 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from piccolod.consensus.etcd import CONTROL_PLANE
-from piccolod.errors import NotLeader, Unavailable
+from piccolod.errors import NotLeader, NotReady, Unavailable
 from piccolod.events import Role
 from tests.unit.test_consensus_etcd import MEMBERS, World
 from tests.unit.test_consensus_etcd import Node as SimNode
 
 SLOTS = st.integers(min_value=0, max_value=2)
+APP = "app:x"
+RESOURCES = (CONTROL_PLANE, APP)
 
 
 class ConsensusMachine(RuleBasedStateMachine):
@@ -45,7 +48,7 @@ class ConsensusMachine(RuleBasedStateMachine):
         self.world = World(3, latency=True)
         #: slot -> the node currently in that slot (a crashed one is replaced).
         self.slots: list[SimNode] = list(self.world.nodes)
-        self.max_term: dict[int, int] = {}
+        self.max_term: dict[tuple[int, str], int] = {}
         #: Acknowledged fenced writes: (revision, term, node name).
         self.acked: list[tuple[int, int, str]] = []
         self.quorum = True
@@ -59,37 +62,42 @@ class ConsensusMachine(RuleBasedStateMachine):
         return [n for n in self.slots if not n.paused and not n.crashed]
 
     def check(self) -> None:
-        """The safety invariants, at this instant."""
+        """The safety invariants, at this instant, for every resource."""
+        for resource in RESOURCES:
+            self.check_resource(resource)
+        terms = [term for _, term, _ in sorted(self.acked)]
+        assert terms == sorted(terms), f"fenced writes interleave: {sorted(self.acked)}"
+
+    def check_resource(self, resource: str) -> None:
         etcd = self.world.etcd
         now = self.world.clock.seconds()
         leaders = []
         for node in self.live():
-            if not node.registry.is_leader(CONTROL_PLANE):
+            if not node.registry.is_leader(resource):
                 continue
             leaders.append(node)
-            election = node.consensus.election(CONTROL_PLANE)
-            assert election is not None
+            election = node.consensus.election(resource)
+            assert election is not None, f"{node.name} leads {resource} it does not track"
             lease = election.lease
             assert lease is not None, f"{node.name} leads without a lease"
             expiry = etcd.lease_expiry(lease.id)
             assert expiry is not None, f"{node.name} leads on a lease etcd no longer has"
             assert now < expiry, f"{node.name} leads past its lease's expiry ({now} >= {expiry})"
-            key = etcd.get(self.world.settings.leader_key(CONTROL_PLANE))
+            key = etcd.get(self.world.settings.leader_key(resource))
             assert key is not None, f"{node.name} leads but the leader key is gone"
             assert key.lease == lease.id, f"{node.name} leads but the key is bound to another lease"
-            assert key.create_revision == node.state().term, "term is not the key's create revision"
-        assert len(leaders) <= 1, f"two leaders: {[n.name for n in leaders]}"
+            term = node.state(resource).term
+            assert key.create_revision == term, "term is not the key's create revision"
+        assert len(leaders) <= 1, f"two leaders of {resource}: {[n.name for n in leaders]}"
         for node in self.slots:
             if node.crashed:
                 continue
-            term = node.state().term
-            key = id(node)
+            term = node.state(resource).term
+            key = (id(node), resource)
             assert term >= self.max_term.get(key, 0), f"{node.name}'s term went backwards"
             self.max_term[key] = term
-            election = node.consensus.election(CONTROL_PLANE)
+            election = node.consensus.election(resource)
             assert election is None or election.refusals == 0, "the registry refused etcd"
-        terms = [term for _, term, _ in sorted(self.acked)]
-        assert terms == sorted(terms), f"fenced writes interleave: {sorted(self.acked)}"
 
     # -- time -----------------------------------------------------------------------
 
@@ -227,6 +235,31 @@ class ConsensusMachine(RuleBasedStateMachine):
         d.addCallbacks(acked, lambda f: f.trap(NotLeader, Unavailable))
         self.world.etcd.pump()
 
+    # -- resources ------------------------------------------------------------------
+
+    @rule(slot=SLOTS)
+    def track_app(self, slot: int) -> None:
+        node = self.slots[slot]
+        if node.crashed or node.paused or not node.consensus.running:
+            return
+        node.consensus.track(APP).addErrback(lambda f: f.trap(Unavailable, NotReady))
+        self.world.etcd.pump()
+        self.check()
+
+    @rule(slot=SLOTS)
+    def release_app(self, slot: int) -> None:
+        node = self.slots[slot]
+        if node.crashed or node.paused:
+            return
+        node.consensus.release(APP)  # revokes in the background; never fails
+        self.assertion_released(node)
+        self.world.etcd.pump()
+        self.check()
+
+    def assertion_released(self, node: SimNode) -> None:
+        assert node.role(APP) is Role.UNKNOWN, "release leaves the role unknown at once"
+        assert APP not in node.consensus.tracked()
+
     # -- liveness -------------------------------------------------------------------
 
     @rule()
@@ -242,19 +275,24 @@ class ConsensusMachine(RuleBasedStateMachine):
             self.reconnect(slot)
             self.resume(slot, timers_first=False)
 
-        def settled() -> bool:
-            nodes = self.live()
-            leaders = [n for n in nodes if n.role() is Role.LEADER]
+        def settled_for(resource: str) -> bool:
+            nodes = [n for n in self.live() if resource in n.consensus.tracked()]
+            if not nodes:
+                return True
+            leaders = [n for n in nodes if n.role(resource) is Role.LEADER]
             if len(leaders) != 1:
                 return False
             leader = leaders[0]
             return all(
-                n.role() is Role.FOLLOWER
-                and n.state().leader_id == leader.name
-                and n.state().term == leader.state().term
+                n.role(resource) is Role.FOLLOWER
+                and n.state(resource).leader_id == leader.name
+                and n.state(resource).term == leader.state(resource).term
                 for n in nodes
                 if n is not leader
             )
+
+        def settled() -> bool:
+            return all(settled_for(resource) for resource in RESOURCES)
 
         # Worst case: a backoff pause (5 s + 20%), a TTL for a dead holder,
         # a renew deadline, and a few rounds.
