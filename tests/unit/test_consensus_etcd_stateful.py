@@ -93,9 +93,9 @@ class ConsensusMachine(RuleBasedStateMachine):
             if node.crashed:
                 continue
             term = node.state(resource).term
-            key = (id(node), resource)
-            assert term >= self.max_term.get(key, 0), f"{node.name}'s term went backwards"
-            self.max_term[key] = term
+            seen = (id(node), resource)
+            assert term >= self.max_term.get(seen, 0), f"{node.name}'s term went backwards"
+            self.max_term[seen] = term
             election = node.consensus.election(resource)
             assert election is None or election.refusals == 0, "the registry refused etcd"
 
