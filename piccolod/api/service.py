@@ -70,7 +70,9 @@ CONFIG_DEFAULTS: Mapping[str, Any] = {
     "sse_queue": 16384,
     "sse_max_clients": 256,
     "sse_heartbeat": 15.0,
+    "sse_resume_window": 300.0,
     "connection_timeout": 300.0,
+    "access_log": False,
     "roles": {},
     "subjects": {},
 }
@@ -106,6 +108,7 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
 def kernel_routes(router: Router, kernel: Kernel) -> None:
     """Add the kernel's views: health, leadership, supervisor, jobs, metrics, the index."""
     obj: dict[str, Any] = {"type": "object"}
+    memo: list[Any] = []
 
     def answer(schema: Mapping[str, Any]) -> dict[int, tuple[str, Mapping[str, Any]]]:
         return {200: ("application/json", schema)}
@@ -203,10 +206,20 @@ def kernel_routes(router: Router, kernel: Kernel) -> None:
         tags=("cluster",),
     )
     def leadership(request: Request) -> Any:
-        return {
-            "node_id": kernel.node_id,
-            "resources": [s.to_json() for s in kernel.registry.states()],
-        }
+        # Monitoring polls this: the answer is encoded again only when a
+        # role, leader or term changed (states are frozen values).
+        states = tuple(kernel.registry.states())
+        if memo and memo[0] == states:
+            return memo[1]
+        answer = RawResponse(
+            json.dumps(
+                {"node_id": kernel.node_id, "resources": [s.to_json() for s in states]},
+                separators=(",", ":"),
+            ).encode(),
+            b"application/json",
+        )
+        memo[:] = [states, answer]
+        return answer
 
     @router.route(
         "GET",
@@ -347,7 +360,8 @@ def kernel_routes(router: Router, kernel: Kernel) -> None:
         }
 
 
-_READY = JSONResponse({"status": "ready"})
+#: Encoded once: readiness probes are the most frequent request.
+_READY = RawResponse(b'{"status":"ready"}', b"application/json")
 
 
 def _positive(config: Mapping[str, Any], errors: list[str], *names: str) -> None:
@@ -377,6 +391,7 @@ def check_config(config: Mapping[str, Any]) -> None:
         "login_global_lockout_max",
         "token_burst",
         "connection_timeout",
+        "sse_resume_window",
     )
     _at_least(config, errors, 1, "max_body", "max_sessions", "max_tokens", "sse_replay")
     _at_least(config, errors, 1, "sse_queue", "sse_max_clients")
@@ -429,6 +444,7 @@ class APIService(Service):  # type: ignore[misc]
     router: Router
     api: APIContext | None = None
     connection_timeout: float = 300.0
+    access_log: bool = False
     log = Logger()
 
     _port: IListeningPort | None = None
@@ -493,6 +509,7 @@ class APIService(Service):  # type: ignore[misc]
             max_queue=int(config["sse_queue"]),
             max_clients=int(config["sse_max_clients"]),
             heartbeat=float(config["sse_heartbeat"]),
+            resume_window=float(config["sse_resume_window"]),
         )
         metrics = kernel.metrics
         router = Router(
@@ -510,6 +527,7 @@ class APIService(Service):  # type: ignore[misc]
             router=router,
             api=api,
             connection_timeout=float(config["connection_timeout"]),
+            access_log=bool(config["access_log"]),
         )
 
     @classmethod
@@ -538,7 +556,12 @@ class APIService(Service):  # type: ignore[misc]
     async def _listen(self) -> None:
         endpoint = serverFromString(self.kernel.reactor, self.listen)
         max_body = self.router.max_body
-        site = APISite(self.router, max_body=max_body, timeout=self.connection_timeout)
+        site = APISite(
+            self.router,
+            max_body=max_body,
+            access_log=self.access_log,
+            timeout=self.connection_timeout,
+        )
         port: IListeningPort = await endpoint.listen(site)
         self._port = port
         address = port.getHost()

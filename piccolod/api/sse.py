@@ -5,7 +5,12 @@
 in publication order, into a bounded ring (``capacity`` events).  It does so
 *synchronously*, from a bus subscription whose filter records the envelope
 and then refuses it (nothing is ever queued for it; its ``filtered`` counter
-counts the events recorded).
+counts the events recorded).  The ring runs while streams are open and for
+``resume_window`` seconds after the last one closed (long enough for a
+client to come back after a network blip), then stops and forgets: an idle
+daemon keeps no ring in memory and, with nobody listening to ``audit``,
+builds no audit record at all (publishers ask ``has_subscribers``).  A
+``Last-Event-ID`` from before the ring (re)started is answered with a gap.
 
 **One bus subscription per client.**  Each stream subscribes with its own
 topic pattern(s), a bounded queue (``max_queue``, drop-oldest) and a filter
@@ -99,6 +104,7 @@ class EventHub:
     max_clients: int = 256
     heartbeat: float = 15.0
     frame_cache: int = 16384
+    resume_window: float = 300.0
     _ring: deque[tuple[int, Envelope[Any]]] = attrs.field(init=False, factory=deque)
     _seq_of: dict[str, int] = attrs.field(init=False, factory=dict)
     _next: int = attrs.field(init=False, default=0)
@@ -107,27 +113,51 @@ class EventHub:
     _frames: dict[str, bytes] = attrs.field(init=False, factory=dict)
     _frame_order: deque[str] = attrs.field(init=False, factory=deque)
     _beat: LoopingCall | None = attrs.field(init=False, default=None)
+    _idle_call: Any = attrs.field(init=False, default=None)
+    _running: bool = attrs.field(init=False, default=False)
 
     def start(self) -> None:
-        if self._tap is not None:
-            return
-        self._tap = self.bus.subscribe(
-            "#", _no_delivery, filter=self._record, max_queue=1, name="api.sse-replay-ring"
-        )
-        if self.heartbeat > 0:
-            self._beat = LoopingCall(self._heartbeat)
-            self._beat.clock = self.clock
-            self._beat.start(self.heartbeat, now=False)
+        """Accept streams (the ring starts with the first one)."""
+        self._running = True
 
     def stop(self) -> None:
-        if self._beat is not None and self._beat.running:
-            self._beat.stop()
-        self._beat = None
+        self._running = False
+        for stream in list(self._streams):
+            stream.close("the API is stopping")
+        self._stop_beat()
+        self._forget()
+
+    def touch(self) -> None:
+        """Start the ring if it is not running; it runs on for ``resume_window``."""
+        if self._tap is None and self._running:
+            self._tap = self.bus.subscribe(
+                "#", _no_delivery, filter=self._record, max_queue=1, name="api.sse-replay-ring"
+            )
+        if not self._streams:
+            self._forget_later()
+
+    def _forget_later(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = self.clock.callLater(self.resume_window, self._forget)
+
+    def _forget(self) -> None:
+        """Stop the ring and drop what it holds (nobody has streamed for a while)."""
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
         if self._tap is not None:
             self._tap.cancel()
             self._tap = None
-        for stream in list(self._streams):
-            stream.close("the API is stopping")
+        self._ring.clear()
+        self._seq_of.clear()
+        self._frames.clear()
+        self._frame_order.clear()
+
+    def _stop_beat(self) -> None:
+        if self._beat is not None and self._beat.running:
+            self._beat.stop()
+        self._beat = None
 
     # -- the ring --------------------------------------------------------------
 
@@ -191,12 +221,25 @@ class EventHub:
 
     def add(self, stream: EventStream) -> None:
         self._streams.add(stream)
+        self.touch()
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        if self._beat is None and self.heartbeat > 0:
+            self._beat = LoopingCall(self._heartbeat)
+            self._beat.clock = self.clock
+            self._beat.start(self.heartbeat, now=False)
 
     def remove(self, stream: EventStream) -> None:
+        if stream not in self._streams:
+            return
         self._streams.discard(stream)
         if not self._streams:
             self._frames.clear()
             self._frame_order.clear()
+            self._stop_beat()
+            if self._running:
+                self._forget_later()
 
     @property
     def streams(self) -> int:
@@ -209,6 +252,7 @@ class EventHub:
     def stats(self) -> dict[str, Any]:
         return {
             "streams": len(self._streams),
+            "recording": self._tap is not None,
             "ring": len(self._ring),
             "capacity": self.capacity,
             "next_seq": self._next,
@@ -292,6 +336,8 @@ class EventStream:
             self.hub.add(self)
             request.registerProducer(self, True)
             request.notifyFinish().addBoth(self._finished)
+        else:
+            self.hub.touch()
         end = self.hub.next_seq  # everything from here on arrives through the subscription
         chunks = [b"retry: 2000\n\n"]
         after: int | None = None

@@ -154,6 +154,8 @@ class APIHarness:
             registry=self.registry,
             health=health,
         )
+        self.audit_records: list[Any] = []
+        self.bus.subscribe("audit", lambda e: self.audit_records.append(e.event))
         self.persistence.startService()
         self.jobs.startService()
         self.service = APIService.build(self.kernel, config)
@@ -195,7 +197,6 @@ class APIHarness:
         return client
 
     def audit(self) -> list[Any]:
-        """Every audit record in the SSE replay ring, oldest first."""
-        return [
-            e.event for e in self.api.hub.between(None, self.api.hub.next_seq) if e.topic == "audit"
-        ]
+        """Every audit record published so far, oldest first."""
+        self.clock.advance(0)
+        return list(self.audit_records)

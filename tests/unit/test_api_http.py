@@ -171,3 +171,30 @@ class RouterTests(SynchronousTestCase):
         response = self.successResultOf(self.treq.head("http://x/api/v1/things/a"))
         self.assertEqual(response.code, 200)
         self.assertEqual(self.successResultOf(response.content()), b"")
+
+
+class RobustnessTests(SynchronousTestCase):
+    def test_an_answer_that_is_not_json_is_a_logged_500(self) -> None:
+        """A handler answering something JSON cannot encode gets a problem+json 500, not a hang."""
+        router = Router()
+
+        @router.route("GET", "/api/v1/odd")
+        def odd(request: Request) -> Any:
+            return {"value": object()}
+
+        response = self.successResultOf(StubTreq(router).get("http://x/api/v1/odd"))
+        self.assertEqual(response.code, 500)
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertEqual(body["type"], "https://piccolod.dev/problems/internal")
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+
+    def test_synchronous_and_failing_handlers(self) -> None:
+        """A handler raising synchronously answers at once with its problem."""
+        router = Router()
+
+        @router.route("POST", "/api/v1/fail")
+        def fail(request: Request) -> Any:
+            raise Locked()
+
+        response = self.successResultOf(StubTreq(router).post("http://x/api/v1/fail"))
+        self.assertEqual(response.code, 423)

@@ -78,6 +78,10 @@ class SSETests(SynchronousTestCase):
 
         self.stub = StubTreq(self.h.router)
 
+    def start_ring(self) -> None:
+        """A request that replays and closes: the ring records from now on."""
+        Stream(self, "/api/v1/events?follow=false")
+
     def publish(self, *numbers: int) -> list[str]:
         ids = []
         for n in numbers:
@@ -139,6 +143,7 @@ class SSETests(SynchronousTestCase):
         Events published just before and just after the reconnect are neither lost nor
         doubled.
         """
+        self.start_ring()
         ids = self.publish(1)
         ids += self.publish(2)  # not yet delivered to anyone when the client reconnects
         stream = Stream(self, "/api/v1/events?topics=jobs.progress", {"Last-Event-ID": ids[0]})
@@ -148,6 +153,7 @@ class SSETests(SynchronousTestCase):
 
     def test_query_parameter_resume(self) -> None:
         """?last_event_id= works like the header (EventSource cannot set headers at first)."""
+        self.start_ring()
         ids = self.publish(1, 2, 3)
         stream = Stream(self, f"/api/v1/events?topics=jobs.progress&last_event_id={ids[0]}")
         self.assertEqual(self.job_events(stream), ["job-2", "job-3"])
@@ -155,6 +161,7 @@ class SSETests(SynchronousTestCase):
 
     def test_unknown_or_evicted_id_is_an_explicit_gap(self) -> None:
         """An id the ring no longer holds gives a ``gap`` event, then whatever the ring holds."""
+        self.start_ring()
         ids = self.publish(*range(20))  # the ring holds 8
         stream = Stream(self, "/api/v1/events?topics=jobs.progress", {"Last-Event-ID": ids[0]})
         frames = stream.frames()
@@ -169,6 +176,7 @@ class SSETests(SynchronousTestCase):
 
     def test_follow_false_replays_and_closes(self) -> None:
         """follow=false answers the ring's matching events and ends the response."""
+        self.start_ring()
         self.publish(1, 2)
         stream = Stream(self, "/api/v1/events?topics=jobs.progress&follow=false")
         self.successResultOf(stream.done)
@@ -227,17 +235,43 @@ class SSETests(SynchronousTestCase):
         """Past sse_max_clients a stream is 429; a closed stream frees its slot and subscription."""
         before = len(self.h.bus.stats()["subscriptions"])
         streams = [Stream(self, "/api/v1/events") for _ in range(3)]
-        self.assertEqual(len(self.h.bus.stats()["subscriptions"]), before + 3)
+        # one subscription per stream, and the replay ring's
+        self.assertEqual(len(self.h.bus.stats()["subscriptions"]), before + 4)
         refused = Stream(self, "/api/v1/events")
         self.assertEqual(refused.response.code, 429)
         for stream in streams:
             stream.close()
         self.h.clock.advance(0)
-        self.assertEqual(len(self.h.bus.stats()["subscriptions"]), before)
+        self.assertEqual(len(self.h.bus.stats()["subscriptions"]), before + 1)
         self.assertEqual(self.h.api.hub.streams, 0)
         again = Stream(self, "/api/v1/events")
         self.assertEqual(again.response.code, 200)
         again.close()
+
+    def test_the_ring_stops_after_the_resume_window(self) -> None:
+        """With no stream for resume_window the ring stops and forgets; a resume is then a gap."""
+        hub = self.h.api.hub
+        stream = Stream(self, "/api/v1/events?topics=jobs.progress")
+        ids = self.publish(1)
+        stream.events()
+        stream.close()
+        self.assertTrue(hub.stats()["recording"])
+        self.h.advance(hub.resume_window - 1)
+        self.assertTrue(hub.stats()["recording"])
+        self.h.advance(1)
+        self.assertFalse(hub.stats()["recording"])
+        self.assertEqual(len(hub), 0)
+        self.publish(2)
+        again = Stream(self, "/api/v1/events?topics=jobs.progress", {"Last-Event-ID": ids[0]})
+        self.assertEqual([f["event"] for f in again.frames() if "event" in f], ["gap"])
+        again.close()
+
+    def test_no_audit_record_is_built_while_nobody_listens(self) -> None:
+        """An idle API (no stream, no ring) leaves the audit topic without subscribers."""
+        h = APIHarness(self)
+        h.bus.stats()  # the harness's own audit collector is the only listener
+        collectors = [s for s in h.bus.stats()["subscriptions"] if s.pattern in ("#", "audit")]
+        self.assertEqual(len(collectors), 1)
 
     def test_bad_patterns(self) -> None:
         """A malformed topic pattern is a 400 before anything subscribes."""

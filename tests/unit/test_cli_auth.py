@@ -194,6 +194,7 @@ class CliAuthTests(SynchronousTestCase):
     def test_events(self) -> None:
         """events prints the ring's events matching the pattern (--json: the raw envelopes)."""
         self.setup_box()
+        self.ctl("events")  # the replay ring records from the first request on
         self.h.bus.publish(JobProgress("j1", "export", "running", 0.5), "t")
         code, out = self.ctl("events", "jobs.*")
         self.assertEqual(code, EXIT_OK)

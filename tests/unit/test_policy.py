@@ -45,6 +45,22 @@ class RuleTests(SynchronousTestCase):
         self.assertTrue(bare.matches("kernel.ping", "anything"))
         self.assertFalse(bare.matches("kernel.pingx", ""))
 
+    def test_globs_match_like_fnmatch(self) -> None:
+        """The fast paths (exact, prefix*, *suffix, *infix*) agree with fnmatch on every case."""
+        import fnmatch
+        import itertools
+
+        from piccolod.kernel.policy import compile_glob
+
+        patterns = ["*", "**", "a", "a.*", "*.read", "*ist*", "a?c", "a*c", "[ab].x", "token:*"]
+        values = ["", "a", "a.b", "x.read", "list", "abc", "a.x", "b.x", "token:1", "read"]
+        for pattern, value in itertools.product(patterns, values):
+            self.assertEqual(
+                compile_glob(pattern).matches(value),
+                fnmatch.fnmatchcase(value, pattern),
+                (pattern, value),
+            )
+
     def test_bad_rules(self) -> None:
         """Empty actions, empty resources and non-strings are refused."""
         for text in ("", "x@", "@x", 3):

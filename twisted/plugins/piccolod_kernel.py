@@ -40,7 +40,9 @@ API_CONFIG: dict[str, Any] = {
     "sse_queue": 16384,
     "sse_max_clients": 256,
     "sse_heartbeat": 15.0,
+    "sse_resume_window": 300.0,
     "connection_timeout": 300.0,
+    "access_log": False,
     "roles": {},
     "subjects": {},
 }
