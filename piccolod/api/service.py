@@ -73,6 +73,7 @@ CONFIG_DEFAULTS: Mapping[str, Any] = {
     "sse_resume_window": 300.0,
     "connection_timeout": 300.0,
     "access_log": False,
+    "portal": True,
     "roles": {},
     "subjects": {},
 }
@@ -521,6 +522,10 @@ class APIService(Service):  # type: ignore[misc]
         api = APIContext(kernel, sessions, tokens, limiter, engine, hub)
         kernel_routes(router, kernel)
         api_routes(router, api)
+        if config["portal"]:
+            from .portal import portal_routes
+
+            portal_routes(router, kernel)
         return cls(
             kernel=kernel,
             listen=str(config["listen"]),

@@ -69,8 +69,8 @@ class OpenAPITests(SynchronousTestCase):
 
     def test_public_routes_are_exactly_the_expected_ones(self) -> None:
         """
-        Only the health checks, setup, login, session, recovery reset and this document are
-        public.
+        Only the health checks, setup, login, session, recovery reset, this
+        document and the portal's static files (GET only) are public.
         """
         public = {
             (method.upper(), path)
@@ -78,7 +78,13 @@ class OpenAPITests(SynchronousTestCase):
             for method, op in item.items()
             if op["security"] == []
         }
-        self.assertEqual(public, PUBLIC)
+        portal = {(m, p) for m, p in public if "portal" in self.tags_of(m, p)}
+        self.assertEqual(public - portal, PUBLIC)
+        self.assertIn(("GET", "/"), portal)
+        self.assertTrue(all(m == "GET" for m, _ in portal))
+
+    def tags_of(self, method: str, path: str) -> list[str]:
+        return list(self.document["paths"][path][method.lower()].get("tags", []))
 
     def test_every_non_public_route_refuses_anonymous_requests(self) -> None:
         """
@@ -87,7 +93,10 @@ class OpenAPITests(SynchronousTestCase):
         """
         self.h.set_up()  # a set-up box: nothing is open because nothing is configured yet
         checked = 0
-        for method, path in sorted(self.operations() - PUBLIC):
+        private = {
+            (m, p) for m, p in self.operations() - PUBLIC if "portal" not in self.tags_of(m, p)
+        }
+        for method, path in sorted(private):
             response = self.anonymous.request(
                 method, _example_path(path), body={} if method == "POST" else None
             )

@@ -43,6 +43,7 @@ API_CONFIG: dict[str, Any] = {
     "sse_resume_window": 300.0,
     "connection_timeout": 300.0,
     "access_log": False,
+    "portal": True,
     "roles": {},
     "subjects": {},
 }
