@@ -37,9 +37,29 @@ from __future__ import annotations
 
 import sys
 
-# This file is named like the standard library's ``http`` package: run as a
-# script, its directory comes first on sys.path and would shadow it.
-if sys.path and sys.path[0] == __import__("os").path.dirname(__file__):
+if __name__ == "http":  # pragma: no cover - the import shim below
+    # This file shares its name with the standard library's ``http`` package.
+    # A script run from this directory (``python benchmarks/startup.py``) has
+    # the directory first on sys.path, so ``import urllib.request`` would
+    # import *this* file as ``http``.  Put the real package in its place:
+    # the import system takes whatever ``sys.modules["http"]`` holds once
+    # this module has run, and finds ``http.client`` through its __path__.
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    _spec = importlib.machinery.PathFinder.find_spec("http", _path)
+    assert _spec is not None and _spec.loader is not None
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["http"] = _module
+    _spec.loader.exec_module(_module)
+    # The rest of this file then runs as a harmless module of definitions.
+
+# Run as a script, this directory comes first on sys.path and would shadow
+# the standard library's ``http`` for our own imports too.
+if __name__ == "__main__" and sys.path and sys.path[0] == __import__("os").path.dirname(__file__):
     sys.path.pop(0)
 
 import argparse
