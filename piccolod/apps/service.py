@@ -86,6 +86,7 @@ from piccolod.interfaces import (
 )
 from piccolod.kernel.aio import provides
 from piccolod.kernel.controllers import Controller
+from piccolod.kernel.dispatcher import Registration, register_all
 
 __all__ = ["CONFIG_KEYS", "PREVIOUS", "AppsService"]
 
@@ -139,7 +140,7 @@ class AppsService(Service):
     controller: Controller = attrs.field(init=False)
     _subscriptions: list[ISubscription] = attrs.field(init=False, factory=list)
     _unwatch: Any = attrs.field(init=False, default=None)
-    _registered: list[type[Command]] = attrs.field(init=False, factory=list)
+    _registration: Registration | None = attrs.field(init=False, default=None)
     _report_call: Any = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
@@ -226,13 +227,7 @@ class AppsService(Service):
             (RemoveApp, self._handle_remove),
             (AppLogs, self._handle_logs),
         ]
-        try:
-            for command_type, handler in handlers:
-                self.dispatcher.register(command_type, handler)
-                self._registered.append(command_type)
-        except Exception:
-            self._unregister()
-            raise
+        self._registration = register_all(self.dispatcher, handlers)
         super().startService()  # type: ignore[no-untyped-call]
         self._unwatch = self.runtime.watch(self._on_container)
         self._subscriptions = [
@@ -272,8 +267,9 @@ class AppsService(Service):
         return stopped
 
     def _unregister(self) -> None:
-        while self._registered:
-            self.dispatcher.unregister(self._registered.pop())
+        if self._registration is not None:
+            self._registration.cancel()
+            self._registration = None
 
     # -- queries ----------------------------------------------------------------
 

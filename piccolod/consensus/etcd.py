@@ -118,6 +118,7 @@ from piccolod.interfaces import (
     LeadershipState,
 )
 from piccolod.kernel.aio import provides
+from piccolod.kernel.dispatcher import Registration, register_all
 from piccolod.kernel.plugins import SubsystemContext
 
 __all__ = [
@@ -970,7 +971,7 @@ class EtcdConsensus(Service):
     )
     _members: list[dict[str, Any]] = attrs.field(init=False, factory=list)
     _member_lease: int | None = attrs.field(init=False, default=None)
-    _registered: list[type[Any]] = attrs.field(init=False, factory=list)
+    _registration: Registration | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         Service.__init__(self)
@@ -1278,13 +1279,7 @@ class EtcdConsensus(Service):
                 (FencedPut, self._handle_fenced_put),
                 (ReadClusterKey, self._handle_get),
             ]
-            try:
-                for command_type, handler in handlers:
-                    self.dispatcher.register(command_type, handler)
-                    self._registered.append(command_type)
-            except Exception:
-                self._unregister()
-                raise
+            self._registration = register_all(self.dispatcher, handlers)
         Service.startService(self)
         if self.health is not None:
             self.health.report(COMPONENT, HealthLevel.WARN, "connecting to etcd")
@@ -1327,11 +1322,9 @@ class EtcdConsensus(Service):
         self.log.info("etcd consensus: {node_id} stepped down", node_id=self.node_id)
 
     def _unregister(self) -> None:
-        if self.dispatcher is None:
-            return
-        for command_type in self._registered:
-            self.dispatcher.unregister(command_type)
-        self._registered.clear()
+        if self._registration is not None:
+            self._registration.cancel()
+            self._registration = None
 
     # -- command handlers -----------------------------------------------------------
 

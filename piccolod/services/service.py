@@ -67,6 +67,7 @@ from piccolod.interfaces import (
     ISubscription,
     RouteEntry,
 )
+from piccolod.kernel.dispatcher import Registration, register_all
 from piccolod.services.ports import PortAllocator, PortRange, tcp_port_free
 from piccolod.services.proxy import HTTPProxyFactory, TCPProxyFactory, _ProxyFactory
 
@@ -136,7 +137,7 @@ class ServiceManager(Service):
     _routes: dict[tuple[str, str], _Route] = attrs.field(init=False, factory=dict)
     _by_app: dict[str, set[tuple[str, str]]] = attrs.field(init=False, factory=dict)
     _subscription: ISubscription | None = attrs.field(init=False, default=None)
-    _registered: list[type[Command]] = attrs.field(init=False, factory=list)
+    _registration: Registration | None = attrs.field(init=False, default=None)
     _unlocked: bool = attrs.field(init=False, default=False)
     _failures: dict[str, str] = attrs.field(init=False, factory=dict)
 
@@ -197,13 +198,7 @@ class ServiceManager(Service):
             (WithdrawApp, self._handle_withdraw),
             (ReleasePorts, self._handle_release),
         ]
-        try:
-            for command_type, handler in handlers:
-                self.dispatcher.register(command_type, handler)
-                self._registered.append(command_type)
-        except Exception:
-            self._unregister()
-            raise
+        self._registration = register_all(self.dispatcher, handlers)
         super().startService()  # type: ignore[no-untyped-call]
         self._subscription = self.bus.subscribe(
             LockStateChanged.topic,
@@ -222,8 +217,9 @@ class ServiceManager(Service):
         return self.withdraw_all("piccolod stopping")
 
     def _unregister(self) -> None:
-        while self._registered:
-            self.dispatcher.unregister(self._registered.pop())
+        if self._registration is not None:
+            self._registration.cancel()
+            self._registration = None
 
     # -- operations -------------------------------------------------------------
 
