@@ -22,6 +22,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import unquote
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
@@ -147,6 +148,9 @@ class Route:
     @ivar query: name → JSON schema of the query parameters; validated
         values are passed as ``query=``.
     @ivar params: name → JSON schema of the path parameters.
+    @ivar content: media type → ``{"schema": ...}`` of a request body the
+        handler reads itself (YAML specs): documentation only; ``body`` is
+        the one the router validates.
     @ivar responses: status → (content type, JSON schema) of success answers.
     @ivar errors: the error statuses this route may answer (documented).
     """
@@ -163,11 +167,16 @@ class Route:
     body: Mapping[str, Any] | None = None
     query: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     params: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    content: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     responses: Mapping[int, tuple[str, Mapping[str, Any]]] = attrs.field(factory=dict)
     errors: tuple[int, ...] = ()
     summary: str = ""
     tags: tuple[str, ...] = ()
     stream: bool = False
+
+    @property
+    def params_in_template(self) -> bool:
+        return "{" in self.template
 
 
 class Router(Resource):
@@ -199,6 +208,7 @@ class Router(Resource):
         self._routes: list[Route] = []
         #: ``(method, path)`` of parameterless routes: the fast path.
         self._static: dict[tuple[str, str], Route] = {}
+        self._static_paths: set[str] = set()
         self.max_body = max_body
         #: ``observe(method, route template, status, seconds)`` after each response.
         self.observe = observe
@@ -234,6 +244,7 @@ class Router(Resource):
         if not _PARAM.search(template):
             self._static[(method, template)] = route
             self._static.setdefault((method, template + "/"), route)
+            self._static_paths.update((template, template + "/"))
         return route
 
     def routes(self) -> list[tuple[str, str]]:
@@ -244,18 +255,29 @@ class Router(Resource):
         return list(self._routes)
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        """
+        The route for ``method`` on ``path``.  A path that a parameterless
+        route names exactly is that route's alone (``/api/v1/apps/validate``
+        is never ``/api/v1/apps/{name}`` with the name "validate"), so the
+        methods in ``Allow`` are exactly the ones documented for it.
+        """
         static = self._static.get((method, path))
         if static is None and method == "HEAD":
             static = self._static.get(("GET", path))
         if static is not None:
             return static, {}
+        routes = self._routes
+        if path in self._static_paths:
+            routes = [r for r in routes if not r.params_in_template and r.regex.match(path)]
         allowed: list[str] = []
-        for r in self._routes:
+        for r in routes:
             m = r.regex.match(path)
             if m is None:
                 continue
             if r.method == method or (method == "HEAD" and r.method == "GET"):
-                return r, m.groupdict()
+                # The path is matched raw (an encoded "/" stays inside its
+                # segment); parameters are then percent-decoded.
+                return r, {k: _path_param(v) for k, v in m.groupdict().items()}
             allowed.append(r.method)
         if allowed:
             raise MethodNotAllowed(method, sorted(set(allowed)))
@@ -364,6 +386,13 @@ class Router(Resource):
                 status,
                 duration,
             )
+
+
+def _path_param(raw: str) -> str:
+    try:
+        return unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidCommand("a path parameter is not valid UTF-8 once decoded") from None
 
 
 def _check_params(route: Route, params: Mapping[str, str]) -> None:

@@ -67,7 +67,7 @@ def _security(route: Route) -> list[dict[str, list[str]]]:
 def error_statuses(route: Route) -> list[int]:
     """The error statuses ``route`` may answer."""
     found = set(route.errors)
-    if route.body is not None:
+    if route.body is not None or route.content:
         found |= {400, 413}
     if route.query or route.params:
         found.add(400)
@@ -116,6 +116,11 @@ def _operation(route: Route) -> dict[str, Any]:
         op["requestBody"] = {
             "required": True,
             "content": {"application/json": {"schema": dict(route.body)}},
+        }
+    elif route.content:
+        op["requestBody"] = {
+            "required": True,
+            "content": {media: dict(spec) for media, spec in route.content.items()},
         }
     responses: dict[str, Any] = {}
     answers: Mapping[int, tuple[str, Mapping[str, Any]]] = route.responses or {

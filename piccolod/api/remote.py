@@ -47,7 +47,13 @@ __all__ = ["ACME_SUBJECT", "remote_routes"]
 ACME_SUBJECT = "system:acme-http01"
 
 _TAGS = ("remote",)
-_HOSTNAME = {"type": "string", "minLength": 3, "maxLength": 253}
+#: A lowercase DNS name of at least two labels (``commands.is_remote_hostname``).
+_HOSTNAME = {
+    "type": "string",
+    "minLength": 3,
+    "maxLength": 253,
+    "pattern": r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$",
+}
 _TOKEN = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[A-Za-z0-9_-]+$"}
 
 

@@ -7,8 +7,8 @@ document promises and what the server checks cannot drift apart.  Supported
 keywords: ``type`` (one name or a list), ``enum``, ``const``, ``minLength``,
 ``maxLength``, ``pattern`` (matched as a whole string), ``minimum``,
 ``maximum``, ``properties``, ``required``, ``additionalProperties`` (a
-boolean or a schema), ``maxProperties``, ``items``, ``minItems``,
-``maxItems``, ``anyOf``.  Anything else in a schema is documentation only.
+boolean or a schema), ``minProperties``, ``maxProperties``, ``items``,
+``minItems``, ``maxItems``, ``anyOf``.  Anything else in a schema is documentation only.
 
 As JSON Schema says, a number with a zero fractional part (``1.0``) is an
 ``integer``, and ``true``/``false`` are never numbers.
@@ -110,6 +110,8 @@ def _validate(schema: Mapping[str, Any], value: Any, where: str, errors: list[st
                 errors.append(f"{where}.{name} is required")
         if "maxProperties" in schema and len(value) > schema["maxProperties"]:
             errors.append(f"{where} must have at most {schema['maxProperties']} members")
+        if len(value) < schema.get("minProperties", 0):
+            errors.append(f"{where} must have at least {schema['minProperties']} members")
         extra = schema.get("additionalProperties", True)
         for name, item in value.items():
             if name in properties:

@@ -522,6 +522,13 @@ class APIService(Service):  # type: ignore[misc]
         api = APIContext(kernel, sessions, tokens, limiter, engine, hub)
         kernel_routes(router, kernel)
         api_routes(router, api)
+        from .apps import app_routes
+        from .cluster import cluster_routes
+        from .remote import remote_routes
+
+        app_routes(router, kernel)
+        cluster_routes(router, kernel)
+        remote_routes(router, kernel)
         if config["portal"]:
             from .portal import portal_routes
 

@@ -35,6 +35,7 @@ PUBLIC = {
     ("GET", "/api/v1/auth/session"),
     ("POST", "/api/v1/auth/recovery-key/reset"),
     ("GET", "/api/v1/openapi.json"),
+    ("GET", "/.well-known/acme-challenge/{token}"),  # ACME HTTP-01: public by RFC 8555
 }
 
 

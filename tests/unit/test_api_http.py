@@ -198,3 +198,37 @@ class RobustnessTests(SynchronousTestCase):
 
         response = self.successResultOf(StubTreq(router).post("http://x/api/v1/fail"))
         self.assertEqual(response.code, 423)
+
+    def test_path_parameters_are_percent_decoded(self) -> None:
+        """Path parameters reach handlers decoded; invalid UTF-8 is a 400, not a 500."""
+        router = Router()
+
+        @router.route("GET", "/api/v1/things/{name}")
+        def thing(request: Request, name: str) -> Any:
+            return {"name": name}
+
+        stub = StubTreq(router)
+        response = self.successResultOf(stub.get("http://x/api/v1/things/a%2Fb%20%C3%A9"))
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertEqual(body, {"name": "a/b é"})
+        response = self.successResultOf(stub.get("http://x/api/v1/things/%FF"))
+        self.assertEqual(response.code, 400)
+
+    def test_exact_paths_shadow_templates(self) -> None:
+        """A path a parameterless route names is that route's alone: 405 Allow lists its methods."""
+        router = Router()
+
+        @router.route("GET", "/api/v1/apps/{name}")
+        def get(request: Request, name: str) -> Any:
+            return {"name": name}
+
+        @router.route("POST", "/api/v1/apps/validate")
+        def validate(request: Request) -> Any:
+            return {"valid": True}
+
+        stub = StubTreq(router)
+        response = self.successResultOf(stub.get("http://x/api/v1/apps/validate"))
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders("allow"), ["POST"])
+        response = self.successResultOf(stub.get("http://x/api/v1/apps/web"))
+        self.assertEqual(response.code, 200)

@@ -22,6 +22,7 @@ PUBLIC = {
     ("GET", "/api/v1/auth/session"),
     ("POST", "/api/v1/auth/recovery-key/reset"),
     ("GET", "/api/v1/openapi.json"),
+    ("GET", "/.well-known/acme-challenge/{token}"),  # ACME HTTP-01: public by RFC 8555
 }
 
 
@@ -111,5 +112,8 @@ class OpenAPITests(SynchronousTestCase):
         for path, item in self.document["paths"].items():
             for method, op in item.items():
                 route = routes[(method.upper(), path)]
+                if route.content:  # a body the handler reads itself (YAML): documented only
+                    self.assertIsNone(route.body)
+                    continue
                 body = op.get("requestBody", {}).get("content", {}).get("application/json", {})
                 self.assertEqual(body.get("schema"), route.body, path)

@@ -65,6 +65,7 @@ class SchemaTests(SynchronousTestCase):
 
     def test_any_of_and_non_finite_numbers(self) -> None:
         """anyOf needs one option to hold; NaN and infinity are not numbers."""
+        self.assertNotEqual(validate({"type": "object", "minProperties": 1}, {}), [])
         schema = {"type": "object", "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}
         self.assertEqual(validate(schema, {"b": 1}), [])
         self.assertNotEqual(validate(schema, {"c": 1}), [])
