@@ -294,6 +294,18 @@ class CallOptions(Interspersed):
             raise usage.UsageError("--json must be a JSON object")
 
 
+def _app_options() -> usage.Options:
+    from piccolod.cli_apps import AppOptions
+
+    return AppOptions()  # type: ignore[no-untyped-call]
+
+
+def _remote_options() -> usage.Options:
+    from piccolod.cli_remote import RemoteOptions
+
+    return RemoteOptions()  # type: ignore[no-untyped-call]
+
+
 class Options(usage.Options):
     synopsis = "piccolodctl [--url URL | --state-dir DIR] [--token TOKEN] [--json] COMMAND"
     optParameters = [
@@ -319,11 +331,29 @@ class Options(usage.Options):
         ["job", None, IdOptions, "One job."],
         ["cancel", None, IdOptions, "Cancel a queued or running job."],
         ["metrics", None, usage.Options, "The Prometheus metrics text."],
+        ["app", None, _app_options, "Apps: install, list, get, start, stop, update, revert…"],
+        ["remote", None, _remote_options, "Remote access: tunnels, certificates."],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
             raise usage.UsageError("a command is required")
+
+
+class _AuthenticatedTreq:
+    """
+    treq's ``request`` with the client's credentials added: what the app and
+    remote command modules call, so they need not know about sessions.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        headers = dict(kwargs.pop("headers", None) or {})
+        sent = self.client.headers(method)
+        sent.update({k.lower() if isinstance(k, bytes) else k: v for k, v in headers.items()})
+        return self.client.treq.request(method, url, headers=sent, **kwargs)
 
 
 class Client:
@@ -531,6 +561,15 @@ async def _command(
         return await _token(client, sub)
     if command == "events":
         return await _events(reactor, options, client, out, sub)
+    if command == "app":
+        from piccolod.cli_apps import run_app
+
+        answer, text = await run_app(_AuthenticatedTreq(client), client.base, sub)
+        return text, answer
+    if command == "remote":
+        from piccolod.cli_remote import json_request, run_remote
+
+        return await run_remote(json_request(_AuthenticatedTreq(client)), client.base, sub)
     if command == "call":
         headers = {}
         if sub["idempotency-key"]:
