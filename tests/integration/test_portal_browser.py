@@ -92,14 +92,13 @@ DROPIN_MODULE = textwrap.dedent(
 DROPIN_PLUGIN = textwrap.dedent(
     """\
     from piccolod.kernel.plugins import SubsystemPlugin
-    from twisted.plugins.piccolod_kernel import API_CONFIG
 
     apiPortalTest = SubsystemPlugin(
         slot="api",
         variant="portal-test",
         description="The HTTP API with the operator portal mounted (test drop-in)",
         factory="piccolod_portal_test_dropin.build",
-        config_keys=API_CONFIG,
+        config_keys="piccolod.api.service.CONFIG_DEFAULTS",
     )
     """
 )
