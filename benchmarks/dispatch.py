@@ -16,7 +16,8 @@ Scenarios:
   idempotency table runs at its default cap (10,000 ids), so the steady
   state evicts one id per command, as a long-running daemon would.
 - ``full-metrics``: ``full`` plus the ``/metrics`` latency histogram
-  (``CommandMetrics`` in the ``metrics`` slot), as the daemon runs it.
+  (``CommandMetrics`` observing the audit middleware's timing), as the
+  daemon runs it.
 - ``full-audit-listener``: ``full-metrics`` with a subscriber on ``audit``:
   an ``AuditRecord`` is built, published and delivered per command.
 - ``full-logged``: ``full`` with every success logged at debug level.
@@ -126,7 +127,8 @@ def build(reactor: Any, scenario: str) -> tuple[CommandDispatcher, type[Command]
     )
     dispatcher.add_middleware("policy", no_op_policy)
     if scenario in ("full-metrics", "full-audit-listener"):
-        dispatcher.add_middleware("metrics", CommandMetrics(reactor))
+        # As KernelMetrics.build wires it: an observer of the audit timing.
+        dispatcher.audit.observers.append(CommandMetrics(reactor).observe)
     if scenario == "full-audit-listener":
         received: list[Any] = []
         bus.subscribe("audit", lambda envelope: received.append(None) or received.clear())
