@@ -31,9 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
+
+from _bench import http_call, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,26 +57,11 @@ argon2_memory_kib = 1024
 
 
 def _http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return response.headers, response.read()
+    return http_call(method, url, body, headers, timeout=120)
 
 
 def _wait(check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-            if value is not None:
-                return value
-        except Exception:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("timed out waiting for the daemon")
-        time.sleep(0.05)
+    return wait_for(check, timeout)
 
 
 class Client:

@@ -27,7 +27,7 @@ target's requests/s as a share of its bare twin (target: >= 70 %).
 
 Usage::
 
-    .venv/bin/python benchmarks/http.py [--rounds 3] [--duration 10] [--connections 64]
+    .venv/bin/python benchmarks/http_api.py [--rounds 3] [--duration 10] [--connections 64]
         [--threads 2] [--json]
 
 Needs ``wrk`` (Debian package ``wrk``).
@@ -37,25 +37,7 @@ from __future__ import annotations
 
 import sys
 
-if __name__ == "http":  # pragma: no cover - the import shim below
-    # This file shares its name with the standard library's ``http`` package.
-    # A script run from this directory (``python benchmarks/startup.py``) has
-    # the directory first on sys.path, so ``import urllib.request`` would
-    # import *this* file as ``http``.  Put the real package in its place:
-    # the import system takes whatever ``sys.modules["http"]`` holds once
-    # this module has run, and finds ``http.client`` through its __path__.
-    import importlib.machinery
-    import importlib.util
-    import os
-
-    _here = os.path.dirname(os.path.abspath(__file__))
-    _path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    _spec = importlib.machinery.PathFinder.find_spec("http", _path)
-    assert _spec is not None and _spec.loader is not None
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["http"] = _module
-    _spec.loader.exec_module(_module)
-    # The rest of this file then runs as a harmless module of definitions.
+from _bench import http_call, wait_for
 
 # Run as a script, this directory comes first on sys.path and would shadow
 # the standard library's ``http`` for our own imports too.
@@ -75,7 +57,6 @@ import tempfile
 import textwrap
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -122,26 +103,11 @@ argon2_memory_kib = 1024
 
 
 def _http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return response.headers, response.read()
+    return http_call(method, url, body, headers, timeout=30.0)
 
 
 def _wait(check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-            if value is not None:
-                return value
-        except Exception:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("timed out waiting for the server")
-        time.sleep(0.05)
+    return wait_for(check, timeout)
 
 
 def start_daemon(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
