@@ -27,8 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Run as a script, benchmarks/ is sys.path[0], and benchmarks/http.py would
-# shadow the standard library's http: put the repository root there instead.
+# Run as a script, benchmarks/ is sys.path[0]: put the repository root there
+# instead, so that the tests' etcd cluster helpers import.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from tests.integration.etcd_cluster import (  # noqa: E402

@@ -27,8 +27,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, this directory is sys.path[0]; a sibling benchmark named
-# like a standard module (http.py) would shadow it.  Import from the root.
+# Run as a script, this directory is sys.path[0]; import from the repository
+# root instead (the tests' helpers live there).
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
