@@ -45,7 +45,8 @@ from piccolod.kernel.health import HealthTracker
 from piccolod.kernel.leadership import LeadershipRegistry
 from piccolod.services.ports import PortAllocator, PortRange
 from piccolod.services.service import ServiceManager
-from tests.integration.test_podman_support import PodmanFixture, require_podman
+from tests.integration.test_podman_support import PodmanFixture, require_podman, wait
+from tests.integration.test_podman_support import running_reactor as _reactor
 
 pytestmark = pytest.mark.integration
 
@@ -72,12 +73,6 @@ resources:
 """
 
 
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 @pytest.fixture(scope="module", autouse=True)
 def podman_service() -> Iterator[None]:
     global PODMAN
@@ -89,12 +84,6 @@ def podman_service() -> Iterator[None]:
     finally:
         PODMAN.stop()
         PODMAN = None
-
-
-def wait(d: Deferred[T], timeout: float = 60.0) -> T:
-    d.addTimeout(timeout, _reactor())
-    result: T = pytest_twisted.blockon(d)
-    return result
 
 
 def poll(check: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:

@@ -24,18 +24,13 @@ from piccolod.events import HealthLevel
 from piccolod.kernel.bus import MemoryEventBus
 from piccolod.kernel.health import HealthTracker
 from tests.contracts.containers import ContainerRuntimeContract
-from tests.integration.test_podman_support import PodmanFixture, free_port, require_podman
+from tests.integration.test_podman_support import PodmanFixture, free_port, require_podman, wait
+from tests.integration.test_podman_support import running_reactor as _reactor
 
 pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
 PODMAN: PodmanFixture | None = None
-
-
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,12 +44,6 @@ def podman_service() -> Iterator[None]:
     finally:
         PODMAN.stop()
         PODMAN = None
-
-
-def wait(d: Deferred[T], timeout: float = 60.0) -> T:
-    d.addTimeout(timeout, _reactor())
-    result: T = pytest_twisted.blockon(d)
-    return result
 
 
 def settle(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:

@@ -23,10 +23,30 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
 
 from tests.integration.support import REQUIRE
+
+T = TypeVar("T")
+
+
+def running_reactor() -> Any:
+    """The reactor pytest-twisted runs (imported late: it picks the reactor)."""
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def wait(d: Deferred[T], timeout: float = 60.0) -> T:
+    """Block the test on ``d`` (pytest-twisted), failing after ``timeout`` seconds."""
+    d.addTimeout(timeout, running_reactor())
+    result: T = pytest_twisted.blockon(d)
+    return result
+
 
 CONTAINERS_CONF = """\
 [containers]
