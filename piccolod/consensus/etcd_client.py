@@ -50,6 +50,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import RequestGenerationFailed
 from twisted.web.client import (
     RequestTransmissionFailed,
     ResponseDone,
@@ -147,6 +148,7 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     ResponseFailed,
     ResponseNeverReceived,
     RequestTransmissionFailed,
+    RequestGenerationFailed,
     DeferredTimeout,
     ConnectTimeout,
     EtcdUnavailable,
@@ -481,12 +483,21 @@ class EtcdClient:
             self._received()  # before anything handles the outcome
 
     async def _request(self, url: str, path: str, data: bytes) -> dict[str, Any]:
-        response = await self.http.post(
-            f"{url}/v3/{path}",
-            data=data,
-            headers={b"Content-Type": [b"application/json"]},
-        )
-        raw = await response.content()
+        try:
+            response = await self.http.post(
+                f"{url}/v3/{path}",
+                data=data,
+                headers={b"Content-Type": [b"application/json"]},
+            )
+            raw = await response.content()
+        except (RequestGenerationFailed, RequestTransmissionFailed, ResponseFailed) as e:
+            # Cancelled (a stop, or the request timeout) while twisted.web was
+            # writing or reading it: the failure wraps CancelledError.  Keep it
+            # a cancellation, so the timeout still reads as a timeout.
+            reasons = getattr(e, "reasons", None) or []
+            if reasons and all(r.check(CancelledError) for r in reasons):
+                raise CancelledError() from e
+            raise
         return _decode(raw, response.code)
 
     # -- KV -------------------------------------------------------------------
