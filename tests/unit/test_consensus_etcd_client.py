@@ -352,3 +352,31 @@ class ValueTests(SynchronousTestCase):
 
         self.assertRaises(_BadResponse, WatchEvent.from_json, {"type": "X", "kv": {}})
         self.assertRaises(_BadResponse, WatchEvent.from_json, [])
+
+
+class CancelledTransmissionTests(SynchronousTestCase):
+    def test_cancel_during_transmission_is_a_cancellation(self) -> None:
+        """A request cancelled while twisted.web writes it fails as a plain cancellation."""
+        from twisted.internet.defer import CancelledError, Deferred
+        from twisted.internet.task import Clock
+        from twisted.python.failure import Failure
+        from twisted.web._newclient import RequestGenerationFailed
+
+        from piccolod.consensus.etcd_client import EtcdClient
+
+        pending: list[Deferred[object]] = []
+
+        class Http:
+            def post(self, *args: object, **kwargs: object) -> Deferred[object]:
+                def cancel(d: Deferred[object]) -> None:
+                    d.errback(RequestGenerationFailed([Failure(CancelledError())]))
+
+                d: Deferred[object] = Deferred(cancel)
+                pending.append(d)
+                return d
+
+        client = EtcdClient(("http://127.0.0.1:2379",), Http(), Clock())
+        d = client.call("kv/range", {"key": "eA=="})
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(len(pending), 1)
