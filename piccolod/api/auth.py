@@ -91,6 +91,15 @@ TOKEN_ID_RE = re.compile(r"[0-9a-f]{12}")
 TOKEN_FILE_VERSION = 1
 
 
+def split_token(token: str) -> tuple[str, str] | None:
+    """
+    Split an API token into its public id and its secret, or return C{None} when C{token} is
+    not shaped like one. (The secret is URL-safe base64 and may itself contain C{_}.)
+    """
+    m = _TOKEN_RE.fullmatch(token)
+    return None if m is None else (m.group(1), m.group(2))
+
+
 def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -367,10 +376,10 @@ class TokenStore:
         now = self.clock.seconds()
         record = self._verified.get(token)
         if record is None:
-            m = _TOKEN_RE.fullmatch(token)
-            if m is None:
+            parts = split_token(token)
+            if parts is None:
                 return None
-            record = self._tokens.get(m.group(1))
+            record = self._tokens.get(parts[0])
             if record is None or not hmac.compare_digest(sha256_hex(token), record.sha256):
                 return None
             if len(self._verified) < 2 * self.max_tokens:

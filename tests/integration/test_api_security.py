@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from piccolod.api.auth import split_token
 from tests.integration.apiclient import PASSWORD, APIClient, write_config
 from tests.integration.support import Daemon, poll
 
@@ -192,7 +193,9 @@ def test_no_secret_rests_in_plaintext(daemon) -> None:  # type: ignore[no-untype
         assert APIClient(d.url, token=token).get("/api/v1/leadership").status == 200
     secrets = [PASSWORD.encode(), (admin.cookie or "").encode(), (admin.csrf or "").encode()]
     for token in tokens:
-        secrets += [token.encode(), token.rsplit("_", 1)[1].encode()]
+        parts = split_token(token)
+        assert parts is not None
+        secrets += [token.encode(), parts[1].encode()]
     assert all(secrets)
     assert d.stop() == 0, d.log()
     files = [d.log_path]

@@ -14,6 +14,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
+from piccolod.api.auth import split_token
 from piccolod.api.service import APIService
 from piccolod.commands import Command, CommandContext, Pong, Result, RunControlExport
 from piccolod.events import VolumeStateChanged
@@ -62,7 +63,9 @@ class TokenTests(SynchronousTestCase):
             for name in files:
                 data = open(os.path.join(root, name), "rb").read()
                 for token in tokens:
-                    secret = token.rsplit("_", 1)[1].encode()
+                    parts = split_token(token)
+                    assert parts is not None
+                    secret = parts[1].encode()
                     self.assertNotIn(secret, data, os.path.join(root, name))
 
     def test_revoked_token_stops_at_once(self) -> None:
