@@ -1053,6 +1053,143 @@ class ClusterValue(Result):
 
 
 # --------------------------------------------------------------------------
+# Replicated control store
+#
+# On a cluster, every control-store commit of the ``control-plane`` leader is
+# sealed (AES-GCM under a sub-key of the data key: the shared log holds
+# ciphertext only) and appended to the cluster's commit log with
+# ``cluster.replicate_commit`` *before* the store acknowledges it.  The log
+# is linear: an append names the revision it follows, and the consensus
+# refuses it (``CommitConflict``) unless that is the log's head, and
+# (``NotLeader``) unless this node's fencing term still holds.  Followers
+# read the log (``cluster.read_commits``, or the consensus's watch) and hand
+# it to ``persistence.apply_commits`` in revision order.  A variant without a
+# shared log (``single-node``) registers none of the ``cluster.*`` commands
+# here, and the store then commits locally as before.
+
+COMMIT_KINDS = ("commit", "snapshot")
+
+
+@attrs.frozen
+class SealedCommit:
+    """
+    One entry of the cluster's commit log.
+
+    @ivar kind: ``"commit"`` (one transaction: revision ``revision`` follows
+        ``revision - 1``, whose checksum is ``previous``) or ``"snapshot"``
+        (the whole store as of ``revision``; ``previous`` is ``""``).
+    @ivar checksum: the store's chain checksum at ``revision``.
+    @ivar sealed: base64 of the AES-GCM ciphertext (nonce first) of the
+        entry's contents; only nodes holding the data key can open it.
+    """
+
+    kind: str = attrs.field(validator=attrs.validators.in_(COMMIT_KINDS))
+    revision: int = attrs.field(validator=attrs.validators.ge(0))
+    previous: str
+    checksum: str
+    sealed: str
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class ReplicateCommit(Command):
+    """
+    Append ``entry`` to the cluster's commit log, fenced by this node's
+    ``control-plane`` term, and answer ``CommitReplicated`` once the shared
+    store has it.  A ``commit`` entry is refused with ``CommitConflict``
+    unless the log's head is ``entry.revision - 1``; a ``snapshot`` entry
+    only when the log is empty or behind ``entry.revision`` (it restarts the
+    log there).  ``NotLeader`` once another node holds the term,
+    ``Unavailable`` (retryable) when the shared store cannot be reached.
+    """
+
+    name: ClassVar[str] = "cluster.replicate_commit"
+    audit: ClassVar[bool] = False
+    timeout: ClassVar[float | None] = 10.0
+    entry: SealedCommit
+
+    def leader_resource(self) -> str | None:
+        return "control-plane"
+
+    def resource(self) -> str:
+        return "cluster:control/commits"
+
+
+@attrs.frozen
+class CommitReplicated(Result):
+    """``revision`` is in the log; ``log_revision`` is the shared store's revision of the write."""
+
+    revision: int
+    log_revision: int
+    term: int
+
+
+@attrs.frozen
+class ReadCommits(Command):
+    """
+    Read the commit log after store revision ``after``: the entries
+    ``after + 1 ..`` in order (at most ``limit``), preceded by the log's
+    snapshot when ``after`` is older than the oldest retained commit.
+    Any node may read it (linearizable).
+    """
+
+    name: ClassVar[str] = "cluster.read_commits"
+    audit: ClassVar[bool] = False
+    timeout: ClassVar[float | None] = 30.0
+    after: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    limit: int = attrs.field(
+        default=1000, validator=[attrs.validators.ge(1), attrs.validators.le(10_000)]
+    )
+
+    def resource(self) -> str:
+        return "cluster:control/commits"
+
+
+@attrs.frozen
+class CommitLog(Result):
+    """
+    @ivar entries: in revision order (a snapshot, when present, first).
+    @ivar head: the log's head revision (``None``: the log is empty).
+    @ivar more: whether entries after the last one returned exist.
+    """
+
+    entries: tuple[SealedCommit, ...] = ()
+    head: int | None = None
+    more: bool = False
+
+
+@attrs.frozen
+class ApplyCommits(Command):
+    """
+    Apply log entries to this node's control store, in order: a ``commit``
+    whose revision is already applied (same checksum) is skipped; one that
+    does not follow the store's head fails with ``CommitConflict`` (head =
+    the store's revision); a checksum that differs after applying fails with
+    ``Conflict`` and rolls the entry back.  ``Locked`` while the store is
+    closed.  Answers the store's revision afterwards.
+    """
+
+    name: ClassVar[str] = "persistence.apply_commits"
+    audit: ClassVar[bool] = False
+    timeout: ClassVar[float | None] = 60.0
+    entries: tuple[SealedCommit, ...]
+
+    def resource(self) -> str:
+        return "persistence:control"
+
+
+@attrs.frozen
+class CommitsApplied(Result):
+    """The store's revision and checksum after applying."""
+
+    revision: int
+    checksum: str
+    applied: int = 0
+
+
+# --------------------------------------------------------------------------
 # Auth commands
 #
 # Asked of the persistence subsystem by the API: the admin password is the

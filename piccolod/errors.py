@@ -151,6 +151,23 @@ class StaleTerm(Conflict):
     title = "Stale fencing token"
 
 
+class CommitConflict(Conflict):
+    """
+    A replicated control-store commit does not follow the cluster log's head
+    (another node committed first, or this store is behind): the writer must
+    catch up from the log before it writes again.
+
+    @ivar head: the log's head revision, or ``None`` when the log is empty.
+    """
+
+    type = "commit-conflict"
+    title = "Replicated commit conflict"
+
+    def __init__(self, detail: str = "", head: int | None = None, **extra: Any) -> None:
+        super().__init__(detail, head=head, **extra)
+        self.head = head
+
+
 class DuplicateRegistration(PiccolodError):
     """A handler, plugin or child was registered twice under one name."""
 
