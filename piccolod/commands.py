@@ -250,6 +250,22 @@ class UnlockStorage(_Redacted, Command):
         )
 
 
+@attrs.frozen(kw_only=True)
+class JoinCluster(_Redacted, Command):
+    """
+    Join this uninitialised node to the cluster's shared control store: read
+    the cluster's keyset (wrapped keys only, at ``control/keyset`` in the
+    shared store), check that ``password`` (the cluster admin's) unwraps it,
+    keep it as this node's keyset and unlock with it; the store then follows
+    the cluster's commit log.  ``IllegalTransition`` when this node already
+    has a keyset, ``NotFound`` when the cluster has none, ``WrongPassword``.
+    """
+
+    name: ClassVar[str] = "persistence.join"
+    timeout: ClassVar[float | None] = 120.0
+    password: str = attrs.field(repr=False, validator=_secret)
+
+
 @attrs.frozen
 class LockStorage(Command):
     """Lock: close the control store, detach volumes, drop the data key (idempotent)."""
