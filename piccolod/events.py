@@ -187,6 +187,24 @@ class ControlStoreCommit(Event):
 
 
 @attrs.frozen
+class CommitLogAdvanced(Event):
+    """
+    The cluster's replicated commit log has a new head (published by the
+    consensus variant that keeps the log, from its watch of the shared
+    store; retained).  Followers catch up to ``head`` with
+    ``cluster.read_commits`` and ``persistence.apply_commits``.
+
+    @ivar head: the store revision of the log's newest entry.
+    @ivar log_revision: the shared store's revision of that entry.
+    """
+
+    topic: ClassVar[str] = "cluster.commit_log"
+    retained: ClassVar[bool] = True
+    head: int
+    log_revision: int = 0
+
+
+@attrs.frozen
 class ControlStoreHealth(Event):
     """Result of a control store integrity check (``quick_check``)."""
 
@@ -496,6 +514,7 @@ TOPICS: dict[str, type[Event]] = {
         LockStateChanged,
         VolumeStateChanged,
         ControlStoreCommit,
+        CommitLogAdvanced,
         ControlStoreHealth,
         ExportResult,
         DeviceEvent,
