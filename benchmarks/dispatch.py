@@ -53,7 +53,7 @@ from twisted.internet.task import react
 from piccolod.commands import Command, CommandContext, Result
 from piccolod.events import LockState, LockStateChanged, Role
 from piccolod.kernel.bus import MemoryEventBus
-from piccolod.kernel.dispatcher import SLOTS, CommandDispatcher, Next
+from piccolod.kernel.dispatcher import SLOTS, ChainedMiddleware, CommandDispatcher, Next
 from piccolod.kernel.leadership import LeadershipRegistry
 from piccolod.kernel.metrics import CommandMetrics
 
@@ -102,8 +102,15 @@ def handler(command: Command, context: CommandContext) -> Ok:
     return OK
 
 
-def no_op_policy(command: Command, context: CommandContext, next: Next) -> Deferred[Any]:
-    return next(command, context)
+@attrs.define(eq=False)
+class NoOpPolicy(ChainedMiddleware):
+    """Fills the policy slot the way the real ``PolicyEngine`` does (a chained middleware)."""
+
+    def bind(self, next: Next) -> Next:
+        def policy(command: Command, context: CommandContext) -> Deferred[Any]:
+            return next(command, context)
+
+        return policy
 
 
 def build(reactor: Any, scenario: str) -> tuple[CommandDispatcher, type[Command], bool]:
@@ -125,7 +132,7 @@ def build(reactor: Any, scenario: str) -> tuple[CommandDispatcher, type[Command]
         registry=registry,
         log_successes=scenario == "full-logged",
     )
-    dispatcher.add_middleware("policy", no_op_policy)
+    dispatcher.add_middleware("policy", NoOpPolicy())
     if scenario in ("full-metrics", "full-audit-listener"):
         # As KernelMetrics.build wires it: an observer of the audit timing.
         dispatcher.audit.observers.append(CommandMetrics(reactor).observe)

@@ -201,8 +201,9 @@ class AuditMiddleware(ChainedMiddleware):
     Log events carry the fields ``command``, ``command_id``,
     ``correlation_id``, ``subject``, ``outcome`` and ``duration``.  Successes
     are logged at debug level (unless ``log_successes`` is false: emitting a
-    log event costs a few microseconds, which a hot path may not want),
-    typed failures at info and untyped ones at warn.
+    log event costs a few microseconds, which a hot path may not want; it is
+    read when the dispatcher composes its chain), typed failures at info and
+    untyped ones at warn.
     """
 
     log: ClassVar[Logger] = Logger()
@@ -237,6 +238,8 @@ class AuditMiddleware(ChainedMiddleware):
         finished = self._finished
         bus = self.bus
         observers = self.observers
+        log_successes = self.log_successes
+        has_subscribers = None if bus is None else bus.has_subscribers
 
         def audit(command: Command, context: CommandContext) -> Deferred[Any]:
             start = seconds()
@@ -248,12 +251,13 @@ class AuditMiddleware(ChainedMiddleware):
                 counts = stats.get(name) or counters(name)
                 counts.ok += 1
                 counts.latency_total += duration
-                counts.latency_max = max(counts.latency_max, duration)
+                if duration > counts.latency_max:  # noqa: PLR1730 (hot path: no builtin call)
+                    counts.latency_max = duration
                 for observe in observers:
                     observe(name, "ok", duration)
-                if self.log_successes:
+                if log_successes:
                     logged(command, context, "ok", duration, None)
-                if bus is not None and command.audit and bus.has_subscribers("audit"):
+                if has_subscribers is not None and command.audit and has_subscribers("audit"):
                     publish(command, context, "ok", "")
                 return d
             return d.addBoth(finished, command, context, start)
@@ -427,10 +431,14 @@ class IdempotencyMiddleware(ChainedMiddleware):
       dispatch; at most ``max_entries`` finished ids are kept (the oldest
       are evicted first).  Running commands are never evicted.
 
-    Finished ids live in two plain dicts (command, outcome) keyed by
-    ``(subject, command id)`` and the deque holds ``(expiry, key)`` pairs, so
-    remembering an outcome allocates no object that the garbage collector
-    has to keep visiting (tuples of strings and floats are untracked).
+    One dict, keyed by ``(subject, command id)``, holds each id's state:
+    the ``Command`` itself while it runs synchronously, a ``_Run`` once it
+    runs asynchronously (or was joined), and its outcome (a ``Result`` or a
+    ``Failure``) once finished; finished ids also keep their command in a
+    second dict, and a deque holds ``(expiry, key)`` pairs.  A new id costs
+    one lookup; remembering an outcome allocates no object that the garbage
+    collector has to keep visiting (tuples of strings and floats are
+    untracked).
 
     Remembered commands and results stay in memory for the TTL, secrets
     they carry included (a password, a new recovery key): that is the price
@@ -440,9 +448,8 @@ class IdempotencyMiddleware(ChainedMiddleware):
     clock: IReactorTime
     ttl: float = 300.0
     max_entries: int = 10_000
-    _running: dict[_Key, Command | _Run] = attrs.field(init=False, factory=dict)
+    _entries: dict[_Key, Any] = attrs.field(init=False, factory=dict)
     _commands: dict[_Key, Command] = attrs.field(init=False, factory=dict)
-    _outcomes: dict[_Key, Any] = attrs.field(init=False, factory=dict)
     _expiry: deque[tuple[float, _Key]] = attrs.field(init=False, factory=deque)
 
     def __attrs_post_init__(self) -> None:
@@ -453,53 +460,57 @@ class IdempotencyMiddleware(ChainedMiddleware):
 
     def __len__(self) -> int:
         """How many command ids are remembered or running."""
-        return len(self._outcomes) + len(self._running)
+        return len(self._entries)
 
     def bind(self, next: Next) -> Next:
         seconds = self.clock.seconds
         ttl = self.ttl
         max_entries = self.max_entries
-        running = self._running
+        entries = self._entries
         commands = self._commands
-        outcomes = self._outcomes
         expiry = self._expiry
         sweep = self._sweep
         answer = self._answer
         join = self._join
         record = self._record
         settle = self._settle
+        running_types = (Command, _Run)
 
         def idempotency(command: Command, context: CommandContext) -> Deferred[Any]:
-            if context.command_id is None:
+            command_id = context.command_id
+            if command_id is None:
                 return next(command, context)
-            key = (context.subject, context.command_id)
+            key = (context.subject, command_id)
             now = seconds()
             if expiry and expiry[0][0] <= now:
                 sweep()
-            if key in outcomes:
+            entry = entries.get(key)
+            if entry is not None:
+                if isinstance(entry, running_types):
+                    return join(key, command)
                 return answer(key, command)
-            if key in running:
-                return join(key, command)
-            running[key] = command
+            entries[key] = command
             d = next(command, context)
             if d.called and not d.paused:
-                run = running.pop(key, None)
+                run = entries.get(key)
                 result = d.result
                 if isinstance(result, Failure):
+                    if run is command or isinstance(run, _Run):
+                        del entries[key]
                     record(key, command, result)
                 else:  # _record, inlined for the hot path
+                    entries[key] = result
                     commands[key] = command
-                    outcomes[key] = result
                     expiry.append((now + ttl, key))
                     if len(expiry) > max_entries:
                         _, old = expiry.popleft()
-                        del commands[old], outcomes[old]
+                        del commands[old], entries[old]
                 if isinstance(run, _Run):  # joined re-entrantly
                     run.answer(result)
                 return d
-            run = running.get(key)
+            run = entries.get(key)
             if not isinstance(run, _Run):
-                run = running[key] = _Run(command)
+                run = entries[key] = _Run(command)
             run.execution = d
             d.addBoth(settle, key, run)
             return run.join()
@@ -520,36 +531,36 @@ class IdempotencyMiddleware(ChainedMiddleware):
         first = self._commands[key]
         if first is not command and first != command:
             return self._conflict(key)
-        outcome = self._outcomes[key]
+        outcome = self._entries[key]
         if isinstance(outcome, Failure):
             return fail(outcome)
         return succeed(outcome)
 
     def _join(self, key: _Key, command: Command) -> Deferred[Any]:
-        run = self._running[key]
+        run = self._entries[key]
         first = run.command if isinstance(run, _Run) else run
         if first is not command and first != command:
             return self._conflict(key)
         if not isinstance(run, _Run):  # joining a run still inside its synchronous call
-            run = self._running[key] = _Run(first)
+            run = self._entries[key] = _Run(first)
         return run.join()
 
     def _record(self, key: _Key, command: Command, outcome: Any) -> None:
         if isinstance(outcome, Failure) and not remembered(outcome):
             return
         self._commands[key] = command
-        self._outcomes[key] = outcome
+        self._entries[key] = outcome
         expiry = self._expiry
         expiry.append((self.clock.seconds() + self.ttl, key))
         if len(expiry) > self.max_entries:
             _, old = expiry.popleft()
-            del self._commands[old], self._outcomes[old]
+            del self._commands[old], self._entries[old]
 
     def _settle(self, result: Any, key: _Key, run: _Run) -> None:
         """The end of an asynchronous run: record it and answer its callers."""
         run.execution = None
-        if self._running.get(key) is run:
-            del self._running[key]
+        if self._entries.get(key) is run:
+            del self._entries[key]
             self._record(key, run.command, result)
         run.answer(result)
 
@@ -557,15 +568,16 @@ class IdempotencyMiddleware(ChainedMiddleware):
         now = self.clock.seconds()
         expiry = self._expiry
         commands = self._commands
-        outcomes = self._outcomes
+        entries = self._entries
         while expiry and expiry[0][0] <= now:
             _, old = expiry.popleft()
-            del commands[old], outcomes[old]
+            del commands[old], entries[old]
 
     def stop(self) -> None:
         """Forget every finished id (running commands finish on their own)."""
+        for key in self._commands:
+            del self._entries[key]
         self._commands.clear()
-        self._outcomes.clear()
         self._expiry.clear()
 
 
@@ -841,6 +853,84 @@ class RetryMiddleware(ChainedMiddleware):
             run.abort(Unavailable("the command dispatcher stopped"))
 
 
+def _fused_gates(
+    lock: LockGate,
+    leader: LeaderGate,
+    timeouts: TimeoutMiddleware,
+    retries: RetryMiddleware,
+    next: Next,
+) -> Next:
+    """
+    ``lock.bind(leader.bind(timeouts.bind(retries.bind(next))))`` as one step.
+
+    The four built-in middleware in their slots, composed into one closure
+    instead of four nested ones: the same checks in the same order and the
+    same objects (``_RetryRun``, ``_Deadline``) for whatever does not answer
+    at once, only three Python calls fewer per command.  The dispatcher uses
+    it only while all four slots hold exactly these built-in types; any
+    other filling of those slots is composed generically.
+    """
+    last = None if lock.bus is None else lock.bus.last
+    lock_topic = LockStateChanged.topic
+    unlocked_state = LockState.UNLOCKED
+    is_leader = None if leader.registry is None else leader.registry.is_leader
+    refusal = leader.refusal
+    default = timeouts.default
+    pending = timeouts._pending
+    runs = retries._runs
+
+    def gates(command: Command, context: CommandContext) -> Deferred[Any]:
+        if command.requires_unlocked:
+            envelope = None if last is None else last(lock_topic)
+            if (
+                envelope is None
+                or not isinstance(envelope.event, LockStateChanged)
+                or envelope.event.state is not unlocked_state
+            ):
+                return fail(Locked(f"{command.name} needs unlocked storage"))
+        resource = command.leader_resource()
+        if resource is not None and (is_leader is None or not is_leader(resource)):
+            return fail(refusal(resource))
+        limit = context.timeout
+        if limit is None:
+            limit = command.timeout
+            if limit is None:
+                limit = default
+        if not limit > 0:
+            return fail(InvalidCommand(f"timeout must be > 0, got {limit!r}"))
+        d = next(command, context)
+        if d.called and not d.paused:
+            if command.retries <= 0 or not isinstance(d.result, Failure):
+                return d
+        elif command.retries <= 0:
+            deadline = _Deadline(timeouts, command, d, limit)
+            pending.add(deadline)
+            return d.addBoth(deadline.finish)
+        run = _RetryRun(retries, command, context, next)
+        runs.add(run)
+        run.watch(d)
+        d = run.outer
+        if d.called and not d.paused:
+            return d
+        deadline = _Deadline(timeouts, command, d, limit)
+        pending.add(deadline)
+        return d.addBoth(deadline.finish)
+
+    return gates
+
+
+#: The slots that :func:`_fused_gates` composes, innermost last, and their types.
+_FUSED = (
+    ("lock", LockGate),
+    ("leader", LeaderGate),
+    ("timeout", TimeoutMiddleware),
+    ("retry", RetryMiddleware),
+)
+
+
+_FUSED_NAMES = frozenset(name for name, _ in _FUSED)
+
+
 # ==========================================================================
 # The dispatcher
 
@@ -976,9 +1066,17 @@ class CommandDispatcher:
 
     def _compose(self) -> None:
         chain: Next = self._invoke
+        fused = [self._slots[name] for name, _ in _FUSED]
+        fuse = all(type(mw) is kind for mw, (_, kind) in zip(fused, _FUSED, strict=True))
+        if fuse:
+            lock, leader, timeouts, retries = fused
+            assert isinstance(lock, LockGate) and isinstance(leader, LeaderGate)
+            assert isinstance(timeouts, TimeoutMiddleware)
+            assert isinstance(retries, RetryMiddleware)
+            chain = _fused_gates(lock, leader, timeouts, retries, chain)
         for name in reversed(SLOTS):
             middleware = self._slots[name]
-            if middleware is None:
+            if middleware is None or (fuse and name in _FUSED_NAMES):
                 continue
             if isinstance(middleware, ChainedMiddleware):
                 chain = middleware.bind(chain)

@@ -45,6 +45,9 @@ from piccolod.kernel.aio import provides
 
 __all__ = ["LeadershipRegistry"]
 
+#: ``Role.LEADER`` once: an enum member lookup costs ~0.15 us, the leader gate runs per command.
+_LEADER = Role.LEADER
+
 
 def _node_id(_inst: object, _attribute: attrs.Attribute[str], value: object) -> None:
     if not isinstance(value, str) or not value.strip():
@@ -84,7 +87,7 @@ class LeadershipRegistry:
 
     def is_leader(self, resource: str) -> bool:
         found = self._states.get(resource)  # the dispatcher's leader gate: keep it direct
-        return found is not None and found.role is Role.LEADER
+        return found is not None and found.role is _LEADER
 
     def require_leader(self, resource: str) -> LeadershipState:
         """

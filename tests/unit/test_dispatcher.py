@@ -37,6 +37,7 @@ from piccolod.kernel.dispatcher import (
     SLOTS,
     CommandDispatcher,
     InvalidHandlerResult,
+    LockGate,
     Next,
 )
 from piccolod.kernel.leadership import LeadershipRegistry
@@ -1377,3 +1378,48 @@ class RegisterAllTests(SynchronousTestCase):
                 [(Ping, lambda c, ctx: Pong()), (RestartChild, lambda c, ctx: Pong())],
             )
         self.assertEqual(dispatcher.names(), ["supervisor.restart_child"])
+
+
+# --------------------------------------------------------------------------
+# The same gate, timeout, retry and idempotency tests on the generic chain
+#
+# With the four built-in middleware in the lock, leader, timeout and retry
+# slots the dispatcher composes them into one fused step; any other filling
+# of those slots is composed one closure per slot.  Both must behave alike.
+
+
+@attrs.frozen(eq=False)
+class PlainLockGate(LockGate):
+    """A ``LockGate`` the dispatcher does not recognise as built-in (no fusion)."""
+
+
+class Unfused:
+    """Mixin: the dispatcher under test composes its gates generically."""
+
+    def make(self, bus: FakeEventBus | None = None, **kwargs: Any) -> CommandDispatcher:
+        dispatcher = super().make(bus, **kwargs)  # type: ignore[misc]
+        assert isinstance(dispatcher, CommandDispatcher)
+        gate = dispatcher.remove_middleware("lock")
+        assert type(gate) is LockGate
+        dispatcher.add_middleware("lock", PlainLockGate(dispatcher.bus))
+        return dispatcher
+
+
+class UnfusedIdempotencyTests(Unfused, IdempotencyTests):
+    pass
+
+
+class UnfusedLockGateTests(Unfused, LockGateTests):
+    pass
+
+
+class UnfusedLeaderGateTests(Unfused, LeaderGateTests):
+    pass
+
+
+class UnfusedTimeoutTests(Unfused, TimeoutTests):
+    pass
+
+
+class UnfusedRetryTests(Unfused, RetryTests):
+    pass
