@@ -105,13 +105,23 @@ class Tx:
     One transaction on the store's thread: the repositories' ops, the
     clock's time at submission (``now``) and the change records.
 
-    Created by the store only; a read transaction refuses writes.
+    Created by the store only; a read transaction refuses writes.  With
+    ``record`` every statement :meth:`execute` runs is kept, with its
+    parameters, in ``statements`` (reads are not): a replicated store ships
+    them to the other nodes, which replay them in the same order.  Every
+    statement must therefore be deterministic given the database's state
+    and its parameters (no ``random()``, no ``datetime('now')``, no
+    reliance on a row id SQLite picks: values such as ``now`` and new ids
+    are computed here and passed as parameters).
     """
 
-    def __init__(self, connection: _Connection, now: float, writable: bool) -> None:
+    def __init__(
+        self, connection: _Connection, now: float, writable: bool, record: bool = False
+    ) -> None:
         self._connection = connection
         self.now = now
         self.writable = writable
+        self.statements: list[tuple[str, tuple[Any, ...]]] | None = [] if record else None
         self.changes: list[list[Any]] = []
         self.tables: set[str] = set()
         self.auth = AuthOps(self)
@@ -126,7 +136,10 @@ class Tx:
     def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Any:
         if not self.writable:
             raise Conflict("a read transaction cannot write")
-        return self._connection.execute(sql, tuple(parameters))
+        values = tuple(parameters)
+        if self.statements is not None:
+            self.statements.append((sql, values))
+        return self._connection.execute(sql, values)
 
     def changed(self, table: str, op: str, payload: Any) -> None:
         """Record one change (hashed into the revision's checksum)."""
@@ -297,12 +310,20 @@ class AuditOps:
         time = entry.time if entry.time else self._tx.now
         if not isinstance(time, (int, float)) or not math.isfinite(time):
             raise InvalidCommand("audit time must be a finite number")
-        cursor = self._tx.execute(
-            "INSERT INTO audit (time, action, subject, outcome, resource, detail, decision_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (float(time), *fields.values()),
+        # The id AUTOINCREMENT would pick, chosen here and passed explicitly,
+        # so that a replica replaying this statement stores the same id.
+        (next_id,) = self._tx.query(
+            "SELECT max("
+            "coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'audit'), 0), "
+            "coalesce((SELECT max(id) FROM audit), 0)) + 1"
+        )[0]
+        self._tx.execute(
+            "INSERT INTO audit "
+            "(id, time, action, subject, outcome, resource, detail, decision_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (int(next_id), float(time), *fields.values()),
         )
-        stored = AuditEntry(time=float(time), id=int(cursor.lastrowid), **fields)
+        stored = AuditEntry(time=float(time), id=int(next_id), **fields)
         self._tx.changed("audit", "append", stored.to_json())
         return stored
 

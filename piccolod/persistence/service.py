@@ -36,8 +36,23 @@ The password is checked by AES-GCM's tag, constant-time by construction.
 in its own single-thread ``store_pool`` (see :mod:`.store`); nothing blocks
 the reactor.  With ``None`` pools everything runs inline (unit tests).
 
-**Operations** (setup, unlock, lock, password change, recovery rotation)
-are serialised by one ``DeferredLock``: they never interleave.
+**Operations** (setup, unlock, lock, password change, recovery rotation,
+join) are serialised by one ``DeferredLock``: they never interleave.
+
+**Clusters** (a consensus variant with a shared store; see
+:mod:`.replication` and ``docs/persistence.md``).  With ``cluster.read_commits``
+registered, a :class:`~.replication.SyncDriver` keeps the store in step with
+the cluster's commit log and replicates the leader's writes; followers then
+open the store read-write (only the log writes to it) and
+``persistence.apply_commits`` applies entries pushed by the consensus.  With
+``cluster.fenced_put`` registered the keyset (wrapped keys only) is shared
+at ``control/keyset``: the ``control-plane`` leader publishes it after
+setup, a password change or a recovery-key rotation and whenever a sync
+finds the cluster's copy older; ``persistence.join`` lets an uninitialised
+node take it with the admin password; a node whose keyset is older than the
+cluster's adopts the cluster's at unlock when the secret opens it.  Setup is
+refused (``Conflict``) once the cluster has a keyset and (``NotLeader``)
+anywhere but on the leader; password changes and recovery rotations too.
 """
 
 from __future__ import annotations
@@ -58,18 +73,24 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from piccolod.commands import (
+    ApplyCommits,
     AttachVolume,
     ChangePassword,
+    ClusterValue,
     Command,
     CommandContext,
+    CommitsApplied,
     DeleteVolume,
     DetachVolume,
     EnsureVolume,
     ExportDone,
+    FencedPut,
     GetStorageStatus,
     ImportBundle,
     ImportDone,
+    JoinCluster,
     LockStorage,
+    ReadClusterKey,
     RecordLockState,
     RecoveryKeyRotated,
     RotateRecoveryKey,
@@ -100,11 +121,14 @@ from piccolod.commands import (
     VolumeResult,
 )
 from piccolod.errors import (
+    CommitConflict,
     ConfigError,
+    Conflict,
     IllegalTransition,
     InvalidCommand,
     Locked,
     NotFound,
+    NotLeader,
     NotReady,
     PiccolodError,
     RateLimited,
@@ -139,6 +163,7 @@ from piccolod.persistence import exports
 from piccolod.persistence import keyset as keysets
 from piccolod.persistence.errors import KeysetCorrupt, WrongPassword, WrongRecoveryKey
 from piccolod.persistence.keyset import DataKey, KdfParams, Keyset, KeysetFile
+from piccolod.persistence.replication import CONTEXT, Diverged, SyncDriver, log_key
 from piccolod.persistence.store import CONTROL_PLANE, CheckResult, ControlStore, store_key
 from piccolod.persistence.volume_keys import VolumeKeys, check_volume_id
 
@@ -157,6 +182,10 @@ PREUNLOCK_STEPS = ("keys", "volumes", "store", "ready")
 MACHINE_NAME = "persistence.lock"
 HEALTH = "persistence"
 STORE_HEALTH = "persistence.store"
+#: Where the cluster's shared keyset lives in the consensus's store.
+CLUSTER_KEYSET = "control/keyset"
+#: How long unlock waits for the cluster's keyset before using its own.
+CLUSTER_KEYSET_TIMEOUT = 5.0
 
 
 class VolumeManagerLike(Protocol):
@@ -372,6 +401,7 @@ class PersistenceService(Service):
     _waiters: list[Deferred[None]] = attrs.field(init=False, factory=list)
     _maintenance: list[Any] = attrs.field(init=False, factory=list)
     _registration: Registration | None = attrs.field(init=False, default=None)
+    sync: SyncDriver | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         problems = self.config.problems()
@@ -389,6 +419,16 @@ class PersistenceService(Service):
             self.registry,
             revision_retention=self.config.revision_retention,
         )
+        if self.dispatcher is not None:
+            self.sync = SyncDriver(
+                self.reactor,
+                self.store,
+                self.dispatcher,
+                self.bus,
+                self.registry,
+                after_leader_sync=lambda: Deferred.fromCoroutine(self._publish_keyset()),
+            )
+            self.store.replication = self.sync
         initial = LockState.LOCKED if self._keyset.exists() else LockState.UNINITIALIZED
         self._machine = Machine(
             MACHINE_NAME,
@@ -458,13 +498,18 @@ class PersistenceService(Service):
 
     def status(self) -> StorageStatus:
         info = self.store.info()
+        store: dict[str, Any] | None = None
+        if info.open:
+            store = info.to_json()
+            if self.sync is not None and self.sync.can_sync():
+                store["replication"] = self.sync.status().to_json()
         return StorageStatus(
             state=self.state.value,
             initialized=self.state is not LockState.UNINITIALIZED,
             retry_after=self._limiter.retry_after(),
             failed_attempts=self._limiter.failures,
             recovery_key=self._has_recovery,
-            store=info.to_json() if info.open else None,
+            store=store,
             error=self._error,
         )
 
@@ -574,6 +619,8 @@ class PersistenceService(Service):
                 if pool is not None and not pool.started:
                     pool.start()
         self._register()
+        if self.sync is not None:
+            self.sync.start()
         self.running = 1
         self._reason = "start"
         self._announce(None)
@@ -610,6 +657,8 @@ class PersistenceService(Service):
 
     async def _stop(self) -> None:
         self._unregister()
+        if self.sync is not None:
+            self.sync.stop()
         try:
             await self._ops.run(self._lock_for_stop)
         finally:
@@ -647,6 +696,8 @@ class PersistenceService(Service):
             (RunFullExport, self._handle_full_export),
             (ImportBundle, self._handle_import),
             (VerifyPassword, self._handle_verify_password),
+            (ApplyCommits, self._handle_apply_commits),
+            (JoinCluster, self._handle_join),
             (DeleteVolume, self._handle_delete_volume),
             (StoreGetApp, self._handle_store_get_app),
             (StoreListApps, self._handle_store_list_apps),
@@ -730,6 +781,23 @@ class PersistenceService(Service):
         self, command: VerifyPassword, context: CommandContext
     ) -> Deferred[StorageStatus]:
         return self.verify_password(command.password)
+
+    async def _handle_apply_commits(
+        self, command: ApplyCommits, context: CommandContext
+    ) -> CommitsApplied:
+        try:
+            return await self.store.apply(command.entries)
+        except (CommitConflict, Diverged):
+            # A gap or another history: the driver reads what is missing
+            # (or restores from the snapshot) on its own.
+            if self.sync is not None:
+                self.sync.kick("apply_commits refused an entry")
+            raise
+
+    def _handle_join(
+        self, command: JoinCluster, context: CommandContext
+    ) -> Deferred[StorageStatus]:
+        return self.join(command.password, _correlation(context))
 
     def verify_password(self, password: str) -> Deferred[StorageStatus]:
         """
@@ -888,6 +956,18 @@ class PersistenceService(Service):
         """
         return self._serial(self._unlock, password, recovery_key, correlation)
 
+    def join(self, password: str, correlation: str | None = None) -> Deferred[StorageStatus]:
+        """
+        Join the cluster's shared control store (``uninitialized → locked →
+        preunlock → unlocked``): take the cluster's keyset, prove
+        ``password`` opens it, keep it as this node's keyset and unlock; the
+        store then follows the cluster log.  Fails with
+        ``IllegalTransition`` once initialised, ``NotFound`` when the
+        cluster has no keyset (or no shared store), ``RateLimited`` /
+        ``WrongPassword`` like unlock, ``KeysetCorrupt``.
+        """
+        return self._serial(self._join, password, correlation)
+
     def lock(
         self, reason: str = "lock: requested", correlation: str | None = None
     ) -> Deferred[StorageStatus]:
@@ -969,6 +1049,13 @@ class PersistenceService(Service):
         """
         self._require("setup")
         self._check_new_password(password)
+        if self._has_handler(FencedPut.name):
+            self._require_cluster_leader("setup")
+            if await self._cluster_keyset() is not None:
+                raise Conflict(
+                    "this cluster has a keyset already: join it (persistence.join) "
+                    "with the cluster's admin password instead of setting up"
+                )
         params, now = self.config.kdf, self.reactor.seconds()
 
         def create() -> list[str]:
@@ -981,6 +1068,7 @@ class PersistenceService(Service):
         self._has_recovery = True
         self._error = None
         self._fire("setup", "setup", correlation)
+        await self._publish_keyset_quietly()
         return SetupResult(state=self.state.value, recovery_key=" ".join(words))
 
     async def _unlock(
@@ -1002,7 +1090,11 @@ class PersistenceService(Service):
         self._require("unlock")
         self._limiter.check()
         keyset = await self._load_keyset()
-        data_key = await self._open_keyset(keyset, password, recovery_key)
+        adopted = await self._adopt_cluster_keyset(keyset, password, recovery_key)
+        if adopted is not None:
+            keyset, data_key = adopted
+        else:
+            data_key = await self._open_keyset(keyset, password, recovery_key)
         how = "password" if password is not None else "recovery key"
         await self._preunlock(data_key, keyset, f"unlock: {how}", correlation)
         return self.status()
@@ -1035,6 +1127,8 @@ class PersistenceService(Service):
         if self.state is LockState.UNINITIALIZED:
             raise IllegalTransition(MACHINE_NAME, self.state.value, "change_password")
         self._check_new_password(new)
+        if self._has_handler(FencedPut.name):
+            self._require_cluster_leader("change the password")
         self._limiter.check()
         keyset = await self._load_keyset()
         data_key = await self._open_keyset(keyset, old, recovery_key)
@@ -1050,6 +1144,7 @@ class PersistenceService(Service):
 
         await self._blocking(rewrap)
         self.log.info("persistence: the password was changed")
+        await self._publish_keyset_quietly()
         return self.status()
 
     async def _rotate_recovery_key(self) -> RecoveryKeyRotated:
@@ -1057,6 +1152,8 @@ class PersistenceService(Service):
         data_key = self._data_key
         if self.state is not LockState.UNLOCKED or data_key is None:
             raise Locked("rotating the recovery key needs unlocked storage")
+        if self._has_handler(FencedPut.name):
+            self._require_cluster_leader("rotate the recovery key")
         keyset = await self._load_keyset()
         now = self.reactor.seconds()
 
@@ -1068,6 +1165,7 @@ class PersistenceService(Service):
         words = await self._blocking(rotate)
         self._has_recovery = True
         self.log.info("persistence: the recovery key was rotated")
+        await self._publish_keyset_quietly()
         return RecoveryKeyRotated(recovery_key=" ".join(words))
 
     async def _export(self, kind: str, correlation: str | None, control: Any = None) -> ExportDone:
@@ -1259,7 +1357,11 @@ class PersistenceService(Service):
             store_dir = self.directory / "control"
             read_only = False
             if self.volumes is not None:
-                follower = self._follower()
+                # With a cluster log a follower's store takes the log's
+                # entries, so it is opened read-write (the leader gate
+                # still refuses its own writes).
+                replicated = self.sync is not None and self.sync.can_sync()
+                follower = self._follower() and not replicated
                 for volume_id in self.config.volumes:
                     await self.volumes.ensure(volume_id)
                     ro = follower and volume_id == self.config.store_volume
@@ -1273,6 +1375,7 @@ class PersistenceService(Service):
                 read_only=read_only,
                 marker=self.directory / "control-store.json",
                 check=self.config.check_on_unlock,
+                log_key=log_key(data_key),
             )
             if self.volumes is not None:
                 # Bring back what the lock detached (app volumes wanted
@@ -1291,6 +1394,8 @@ class PersistenceService(Service):
             raise
         self._fire("opened", "opened", correlation)
         self._start_maintenance()
+        if self.sync is not None:
+            self.sync.opened()
         for waiter in list(self._waiters):
             self._waiters.remove(waiter)
             waiter.callback(None)
@@ -1298,7 +1403,11 @@ class PersistenceService(Service):
     async def _teardown(self, reason: str) -> None:
         """Undo everything unlock opened; never raises (errors are logged)."""
         self._stop_maintenance()
+        if self.sync is not None:
+            self.sync.closed()
         await self.store.close()
+        if self.sync is not None:
+            self.sync.closed()
         if self.volumes is not None:
             try:
                 await self.volumes.detach_all(reason)
@@ -1315,6 +1424,141 @@ class PersistenceService(Service):
         for passphrase in self._secrets.values():
             passphrase[:] = bytes(len(passphrase))
         self._secrets.clear()
+
+    # -- the cluster's keyset ----------------------------------------------------------
+
+    def _has_handler(self, name: str) -> bool:
+        return self.dispatcher is not None and name in self.dispatcher.names()
+
+    def _require_cluster_leader(self, what: str) -> None:
+        """``NotLeader`` (with the leader's hint) unless this node leads ``control-plane``."""
+        if self.registry is not None and not self.registry.is_leader(CONTROL_PLANE):
+            self.registry.require_leader(CONTROL_PLANE)
+            raise NotLeader(CONTROL_PLANE)
+
+    async def _cluster_keyset(self, timeout: float | None = None) -> KeysetFile | None:
+        """The cluster's keyset (``None``: it has none); ``KeysetCorrupt`` if malformed."""
+        if self.dispatcher is None or not self._has_handler(ReadClusterKey.name):
+            return None
+        context = CONTEXT._replace(timeout=timeout) if timeout is not None else CONTEXT
+        found = await self.dispatcher.dispatch(ReadClusterKey(CLUSTER_KEYSET), context)
+        if not isinstance(found, ClusterValue) or found.value is None:
+            return None
+        return KeysetFile.from_bytes(found.value.encode("utf-8"))
+
+    async def _publish_keyset(self) -> bool:
+        """
+        Put this node's keyset at ``control/keyset`` when this node leads
+        ``control-plane`` and the cluster has none or an older generation of
+        the same keyset; returns whether it wrote.  Never overwrites another
+        keyset or a newer generation.
+        """
+        if self.dispatcher is None or not self._has_handler(FencedPut.name):
+            return False
+        if self.registry is not None and not self.registry.is_leader(CONTROL_PLANE):
+            return False
+        if self.state is LockState.UNINITIALIZED:
+            return False
+        local = await self._load_keyset()
+        shared = await self._cluster_keyset()
+        if shared is not None:
+            if shared.keyset_id != local.keyset_id:
+                self.log.error(
+                    "persistence: the cluster's keyset {shared} is not this node's {local}; "
+                    "not replacing it",
+                    shared=shared.keyset_id,
+                    local=local.keyset_id,
+                )
+                return False
+            if shared.generation >= local.generation:
+                return False
+        await self.dispatcher.dispatch(
+            FencedPut(CLUSTER_KEYSET, local.to_bytes().decode("utf-8"), CONTROL_PLANE), CONTEXT
+        )
+        self.log.info(
+            "persistence: published keyset generation {generation} to the cluster",
+            generation=local.generation,
+        )
+        return True
+
+    async def _publish_keyset_quietly(self) -> None:
+        """:meth:`_publish_keyset`, logging failures (the next leader sync retries)."""
+        try:
+            await self._publish_keyset()
+        except Exception as e:
+            self.log.warn(
+                "persistence: publishing the keyset to the cluster failed: {error}",
+                error=_describe(e),
+            )
+
+    async def _adopt_cluster_keyset(
+        self, keyset: KeysetFile, password: str | None, recovery_key: str | None
+    ) -> tuple[KeysetFile, DataKey] | None:
+        """
+        At unlock: when the cluster holds a newer generation of this
+        node's keyset (the password or recovery key changed on the leader)
+        and the given secret opens it, keep it (atomically) and return it
+        with the data key.  ``None``: use the local keyset.
+        """
+        try:
+            shared = await self._cluster_keyset(CLUSTER_KEYSET_TIMEOUT)
+        except Exception as e:
+            self.log.warn(
+                "persistence: could not read the cluster's keyset at unlock: {error}",
+                error=_describe(e),
+            )
+            return None
+        if (
+            shared is None
+            or shared.keyset_id != keyset.keyset_id
+            or shared.generation <= keyset.generation
+        ):
+            return None
+
+        def open_shared() -> DataKey | None:
+            try:
+                if recovery_key is not None:
+                    return keysets.open_with_recovery_key(shared, recovery_key)
+                assert password is not None
+                return keysets.open_with_password(shared, password)
+            except (WrongPassword, WrongRecoveryKey):
+                return None
+
+        data_key = await self._blocking(open_shared)
+        if data_key is None:
+            return None
+        try:
+            await self._blocking(lambda: self._keyset.replace(keyset, shared))
+        except BaseException:
+            data_key.wipe()
+            raise
+        self._limiter.succeeded()
+        self._has_recovery = shared.recovery is not None
+        self.log.info(
+            "persistence: adopted the cluster's keyset generation {generation}",
+            generation=shared.generation,
+        )
+        return shared, data_key
+
+    async def _join(self, password: str, correlation: str | None) -> StorageStatus:
+        self._require("setup")
+        if not self._has_handler(ReadClusterKey.name):
+            raise NotFound("this node's consensus has no shared store to join")
+        self._limiter.check()
+        shared = await self._cluster_keyset()
+        if shared is None:
+            raise NotFound("the cluster has no keyset yet: set up its leader first")
+        data_key = await self._open_keyset(shared, password, None)
+        try:
+            await self._blocking(lambda: self._keyset.create(shared))
+        except BaseException:
+            data_key.wipe()
+            raise
+        self._has_recovery = shared.recovery is not None
+        self._error = None
+        self._fire("setup", "join: took the cluster's keyset", correlation)
+        await self._preunlock(data_key, shared, "unlock: join", correlation)
+        return self.status()
 
     # -- the machine -----------------------------------------------------------------
 

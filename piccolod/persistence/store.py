@@ -40,6 +40,22 @@ from the oldest row kept).  After the commit the store publishes
 **Guards.**  Every call fails with ``Locked`` while the store is closed.
 Writes fail with ``NotLeader`` (the registry's leader hint) unless this
 node leads ``control-plane``; reads always work.
+
+**Replication** (see :mod:`.replication`).  With a replication hook whose
+``active()`` is true (the cluster has a commit log), a write takes two hops
+on the store's thread and nothing else runs on the connection between
+them (later calls wait in a queue on the reactor side): hop 1 begins the
+transaction, runs the function with statement recording on, records the
+revision row and seals the log entry; the hook appends it to the log
+(``cluster.replicate_commit``); hop 2 commits, or rolls back when the
+append failed (``NotLeader`` stays ``NotLeader``; ``CommitConflict`` makes
+the hook catch up and the write fails with a retryable ``Unavailable``).
+The write is acknowledged only after both.  A crash between the append and
+the local commit loses nothing: the entry is in the log and the next sync
+applies it.  :meth:`ControlStore.apply` applies log entries (followers,
+catch-up), bypassing the leader check but never the lock;
+:meth:`ControlStore.snapshot_entry` seals the whole store for the log.
+Without a hook, or with an inactive one, a write is one hop as before.
 """
 
 from __future__ import annotations
@@ -49,7 +65,7 @@ import json
 import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -59,12 +75,15 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from piccolod.commands import CommitsApplied, SealedCommit
 from piccolod.errors import (
+    CommitConflict,
     Conflict,
     Locked,
     NotLeader,
     PiccolodError,
     TransientError,
+    Unavailable,
 )
 from piccolod.events import ControlStoreCommit
 from piccolod.interfaces import (
@@ -80,6 +99,13 @@ from piccolod.persistence.errors import (
     StoreUnreadable,
 )
 from piccolod.persistence.keyset import DataKey, write_atomically
+from piccolod.persistence.replication import (
+    Diverged,
+    decode_params,
+    encode_params,
+    seal,
+    unseal,
+)
 from piccolod.persistence.repositories import (
     AppsRepository,
     AuditRepository,
@@ -99,12 +125,18 @@ __all__ = [
     "Commit",
     "ControlStore",
     "Migration",
+    "ReplicationHook",
     "chain_checksum",
     "change_digest",
     "store_key",
 ]
 
 T = TypeVar("T")
+
+#: Tables of every node's own (never replicated): the store's identity,
+#: which the marker file binds to this node's keyset, and the chain rows
+#: (a snapshot carries the head row itself).
+LOCAL_TABLES = frozenset({"meta", "revisions"})
 
 CONTROL_PLANE = "control-plane"
 GENESIS = "0" * 64
@@ -431,6 +463,251 @@ class _Database:
     def read(self, fn: Callable[[Tx], T], now: float) -> T:
         return fn(Tx(self.connection, now, writable=False))
 
+    # -- replication (see the module docstring)
+
+    def begin_replicated(
+        self, fn: Callable[[Tx], T], now: float, key: bytes
+    ) -> tuple[T, Commit | None, SealedCommit | None]:
+        """
+        Hop 1 of a replicated write: the transaction stays open (with its
+        revision row recorded) unless ``fn`` changed nothing; the sealed
+        entry is the log's copy of it.
+        """
+        execute = self.connection.execute
+        execute("BEGIN IMMEDIATE")
+        try:
+            tx = Tx(self.connection, now, writable=True, record=True)
+            result = fn(tx)
+            if not tx.changes:
+                execute("ROLLBACK")
+                return result, None, None
+            tables = sorted(tx.tables)
+            commit = self._record(tx.changes, tables, now)
+            statements = [[sql, encode_params(params)] for sql, params in tx.statements or ()]
+            entry = seal(
+                key,
+                "commit",
+                commit.revision,
+                self.checksum,
+                commit.checksum,
+                {
+                    "schema": self.schema_version,
+                    "statements": statements,
+                    "changes": tx.changes,
+                    "tables": tables,
+                    "now": now,
+                },
+            )
+        except BaseException:
+            self._rollback()
+            raise
+        return result, commit, entry
+
+    def finish_replicated(self, commit: Commit, ok: bool) -> None:
+        """Hop 2: commit (the log has the entry) or roll back."""
+        if not ok:
+            self._rollback()
+            return
+        try:
+            self.connection.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._advance(commit)
+
+    def replicated_tables(self) -> list[str]:
+        rows = self.connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name"
+        ).fetchall()
+        return [str(row[0]) for row in rows if row[0] not in LOCAL_TABLES]
+
+    def checksum_at(self, revision: int) -> str | None:
+        """The chain checksum at ``revision`` (``None``: pruned or never stored)."""
+        if revision == self.revision:
+            return self.checksum
+        if revision == 0:
+            return GENESIS
+        row = self.connection.execute(
+            "SELECT checksum FROM revisions WHERE revision = ?", (revision,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def snapshot_entry(self, key: bytes) -> SealedCommit:
+        """The whole replicated state at the head, sealed as a ``snapshot`` entry."""
+        execute = self.connection.execute
+        tables: dict[str, Any] = {}
+        for name in self.replicated_tables():
+            cursor = execute(f'SELECT * FROM "{name}" ORDER BY rowid')
+            columns = [str(d[0]) for d in cursor.description]
+            tables[name] = {
+                "columns": columns,
+                "rows": [encode_params(row) for row in cursor.fetchall()],
+            }
+        sequences = [
+            [str(name), int(seq)]
+            for name, seq in execute("SELECT name, seq FROM sqlite_sequence ORDER BY name")
+        ]
+        head = execute(
+            "SELECT revision, prev_checksum, checksum, change_digest, tables, committed_at "
+            "FROM revisions WHERE revision = ?",
+            (self.revision,),
+        ).fetchone()
+        if head is None:
+            raise StoreError(f"the control store has no row for its head revision {self.revision}")
+        return seal(
+            key,
+            "snapshot",
+            self.revision,
+            "",
+            self.checksum,
+            {
+                "schema": self.schema_version,
+                "tables": tables,
+                "sequences": sequences,
+                "head": list(head),
+            },
+        )
+
+    def apply_entry(self, entry: SealedCommit, key: bytes, force: bool) -> Commit | None:
+        """
+        Apply one log entry (see ``persistence.apply_commits``); ``None``
+        when it was applied already.  ``force`` replaces the store with a
+        snapshot even when it is not ahead (the store diverged).
+        """
+        if entry.revision <= self.revision and not (force and entry.kind == "snapshot"):
+            local = self.checksum_at(entry.revision)
+            if local is None or local == entry.checksum:
+                return None
+            raise Diverged(
+                f"the store's checksum at revision {entry.revision} differs from the log's"
+            )
+        if entry.kind == "snapshot":
+            if entry.revision == self.revision and entry.checksum == self.checksum:
+                return None
+            return self._restore(entry, unseal(key, entry))
+        if entry.revision != self.revision + 1:
+            raise CommitConflict(
+                f"log entry {entry.revision} does not follow the store's revision {self.revision}",
+                head=self.revision,
+            )
+        if entry.previous != self.checksum:
+            raise Diverged(
+                f"log entry {entry.revision} follows another history than the store's "
+                f"revision {self.revision}"
+            )
+        contents = unseal(key, entry)
+        self._check_schema(contents, entry)
+        statements = contents.get("statements")
+        changes = contents.get("changes")
+        tables = contents.get("tables")
+        now = contents.get("now")
+        if (
+            not isinstance(statements, list)
+            or not isinstance(changes, list)
+            or not isinstance(tables, list)
+            or not isinstance(now, (int, float))
+            or not all(
+                isinstance(s, list)
+                and len(s) == 2
+                and isinstance(s[0], str)
+                and isinstance(s[1], list)
+                for s in statements
+            )
+        ):
+            raise Conflict(f"log entry {entry.revision} has malformed contents")
+        execute = self.connection.execute
+        execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                execute(sql, decode_params(params))
+            commit = self._record(changes, [str(t) for t in tables], float(now))
+            if commit.checksum != entry.checksum:
+                raise Diverged(
+                    f"applying log entry {entry.revision} ends at another checksum "
+                    "than the leader's; rolled back"
+                )
+            execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._advance(commit)
+        return commit
+
+    def _check_schema(self, contents: dict[str, Any], entry: SealedCommit) -> None:
+        if contents.get("schema") != self.schema_version:
+            raise Conflict(
+                f"log entry {entry.revision} was written with schema version "
+                f"{contents.get('schema')!r}, this store has {self.schema_version}: "
+                "run the same piccolod version on every node"
+            )
+
+    def _restore(self, entry: SealedCommit, contents: dict[str, Any]) -> Commit:
+        self._check_schema(contents, entry)
+        tables, sequences, head = (
+            contents.get("tables"),
+            contents.get("sequences"),
+            contents.get("head"),
+        )
+        if (
+            not isinstance(tables, dict)
+            or not isinstance(sequences, list)
+            or not isinstance(head, list)
+            or len(head) != 6
+        ):
+            raise Conflict(f"snapshot {entry.revision} has malformed contents")
+        revision, prev_checksum, checksum, digest = head[0], head[1], head[2], head[3]
+        if (
+            revision != entry.revision
+            or checksum != entry.checksum
+            or not all(isinstance(v, str) for v in (prev_checksum, checksum, digest))
+            or chain_checksum(prev_checksum, revision, digest) != checksum
+        ):
+            raise Conflict(f"snapshot {entry.revision}'s head row does not match the entry")
+        local = self.replicated_tables()
+        unknown = sorted(set(tables) - set(local))
+        if unknown:
+            raise Conflict(f"snapshot {entry.revision} has unknown tables: {', '.join(unknown)}")
+        execute = self.connection.execute
+        execute("BEGIN IMMEDIATE")
+        try:
+            for name in local:
+                execute(f'DELETE FROM "{name}"')
+            for name, body in tables.items():
+                known = {str(r[1]) for r in execute(f'PRAGMA table_info("{name}")')}
+                columns = body.get("columns") if isinstance(body, dict) else None
+                rows = body.get("rows") if isinstance(body, dict) else None
+                if (
+                    not isinstance(columns, list)
+                    or not isinstance(rows, list)
+                    or not columns
+                    or not set(columns) <= known
+                ):
+                    raise Conflict(f"snapshot {entry.revision}: table {name} is malformed")
+                names = ", ".join(f'"{c}"' for c in columns)
+                marks = ", ".join("?" for _ in columns)
+                self.connection.executemany(
+                    f'INSERT INTO "{name}" ({names}) VALUES ({marks})',
+                    [decode_params(row) for row in rows],
+                )
+            execute("DELETE FROM sqlite_sequence")
+            for pair in sequences:
+                execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", tuple(pair))
+            execute("DELETE FROM revisions")
+            execute(
+                "INSERT INTO revisions "
+                "(revision, prev_checksum, checksum, change_digest, tables, committed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                tuple(head),
+            )
+            execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        commit = Commit(entry.revision, entry.checksum, tuple(local))
+        self._advance(commit)
+        return commit
+
     def write(self, fn: Callable[[Tx], T], now: float) -> tuple[T, Commit | None]:
         execute = self.connection.execute
         execute("BEGIN IMMEDIATE")
@@ -492,6 +769,15 @@ class _Database:
             self.connection.close()
 
 
+def _settle(outcome: object, waiter: Deferred[Any]) -> None:
+    if waiter.called:  # cancelled while it waited
+        return
+    if isinstance(outcome, Failure):
+        waiter.errback(outcome)
+    else:
+        waiter.callback(outcome)
+
+
 def _read_marker(marker: Path) -> str | None:
     try:
         raw = json.loads(marker.read_bytes())
@@ -516,6 +802,25 @@ def _write_marker(marker: Path, store_id: str, now: float) -> None:
 _CLOSED, _OPENING, _OPEN, _CLOSING = "closed", "opening", "open", "closing"
 
 
+class ReplicationHook(Protocol):
+    """What the store needs to replicate its writes (:class:`.replication.SyncDriver`)."""
+
+    def active(self) -> bool:
+        """Whether writes must be appended to the cluster log before they commit."""
+
+    def write_refusal(self) -> PiccolodError | None:
+        """Why a replicated write may not start now (``None``: it may)."""
+
+    def replicate(self, entry: SealedCommit) -> Deferred[Any]:
+        """Append ``entry`` to the cluster log."""
+
+    def conflicted(self, error: BaseException | None) -> None:
+        """A replicated write failed because the store is behind the log."""
+
+
+_Held = list[tuple[Callable[[], "Deferred[Any]"], "Deferred[Any]"]]
+
+
 @implementer(IControlStore)
 @attrs.define(eq=False)
 class ControlStore:
@@ -528,6 +833,8 @@ class ControlStore:
     @ivar bus: where ``ControlStoreCommit`` goes.
     @ivar registry: gates writes on leading ``resource`` (``None``: always).
     @ivar revision_retention: how many revision rows are kept (0: all).
+    @ivar replication: replicates writes while ``active()`` (``None``:
+        never; set by the persistence service).
     """
 
     log = Logger()
@@ -539,7 +846,10 @@ class ControlStore:
     resource: str = CONTROL_PLANE
     revision_retention: int = 10_000
     source: str = "persistence"
+    replication: ReplicationHook | None = None
     _db: _Database | None = attrs.field(init=False, default=None)
+    _log_key: bytes | None = attrs.field(init=False, default=None, repr=False)
+    _held: _Held | None = attrs.field(init=False, default=None)
     _status: str = attrs.field(init=False, default=_CLOSED)
     _info: ControlStoreInfo = attrs.field(init=False, factory=lambda: ControlStoreInfo(False))
     auth: AuthRepository = attrs.field(init=False)
@@ -558,6 +868,31 @@ class ControlStore:
     # -- plumbing
 
     def _run(self, fn: Callable[[], T]) -> Deferred[T]:
+        if self._held is not None:  # a replicated write holds the connection
+            return self._enqueue(lambda: self._run(fn))
+        return self._submit(fn)
+
+    def _enqueue(self, start: Callable[[], Deferred[T]]) -> Deferred[T]:
+        waiter: Deferred[T] = Deferred()
+        assert self._held is not None
+        self._held.append((start, waiter))
+        return waiter
+
+    def _release(self) -> None:
+        """Start what waited for the connection, in order, until one holds it again."""
+        held, self._held = self._held or [], None
+        while held:
+            start, waiter = held.pop(0)
+            try:
+                started = start()
+            except BaseException:
+                started = fail()
+            started.addBoth(_settle, waiter)
+            if self._held is not None:
+                self._held.extend(held)
+                return
+
+    def _submit(self, fn: Callable[[], T]) -> Deferred[T]:
         def guarded() -> T:
             try:
                 return fn()
@@ -616,6 +951,11 @@ class ControlStore:
     def is_open(self) -> bool:
         return self._status == _OPEN
 
+    @property
+    def revision(self) -> int:
+        """The last committed revision (0 while closed)."""
+        return self._info.revision
+
     def info(self) -> ControlStoreInfo:
         return self._info
 
@@ -627,10 +967,12 @@ class ControlStore:
         read_only: bool = False,
         marker: Path | None = None,
         check: bool = True,
+        log_key: bytes | None = None,
     ) -> Deferred[ControlStoreInfo]:
         """
         Open (or create) the database at ``path`` with ``key`` and run any
-        pending migrations.  Fires with :meth:`info`.  Fails with
+        pending migrations.  Fires with :meth:`info`.  ``log_key`` seals
+        and opens the cluster log's entries (needed to replicate).  Fails with
         ``Conflict`` when not closed, :class:`StoreUnreadable`,
         :class:`StoreCorrupt`, :class:`StoreMissing` or :class:`StoreError`
         (the store stays closed and nothing was overwritten).
@@ -657,6 +999,7 @@ class ControlStore:
             db, commits = outcome
             if self._status == _OPENING:
                 self._status = _OPEN
+                self._log_key = log_key
             self._info = ControlStoreInfo(
                 open=True,
                 read_only=db.read_only,
@@ -692,6 +1035,7 @@ class ControlStore:
 
         def closed(result: object) -> None:
             self._status = _CLOSED
+            self._log_key = None
             self._info = ControlStoreInfo(False)
             if isinstance(result, Failure):
                 self.log.failure("closing the control store", result)
@@ -719,6 +1063,11 @@ class ControlStore:
         refusal = self._write_refusal()
         if refusal is not None:
             return fail(refusal)
+        hook = self.replication
+        if hook is not None and hook.active():
+            if self._held is not None:
+                return self._enqueue(lambda: self._replicated(fn, hook))
+            return self._replicated(fn, hook)
         now = self.reactor.seconds()
 
         def done(outcome: tuple[T, Commit | None]) -> T:
@@ -728,6 +1077,132 @@ class ControlStore:
             return result
 
         return self._run(lambda: self._require_db().write(fn, now)).addCallback(done)
+
+    # -- replication
+
+    def _replicated(self, fn: Callable[[Tx], T], hook: ReplicationHook) -> Deferred[T]:
+        """A write in two hops around the log append (see the module docstring)."""
+        refused = self._locked()
+        if refused is not None:
+            return refused
+        refusal = self._write_refusal() or hook.write_refusal()
+        if refusal is not None:
+            return fail(refusal)
+        key = self._log_key
+        if key is None:
+            return fail(Conflict("the control store was opened without the cluster log's key"))
+        now = self.reactor.seconds()
+        self._held = []
+
+        def begin() -> tuple[T, Commit | None, SealedCommit | None]:
+            return self._require_db().begin_replicated(fn, now, key)
+
+        def began(outcome: tuple[T, Commit | None, SealedCommit | None]) -> Deferred[T] | T:
+            result, commit, entry = outcome
+            if commit is None or entry is None:
+                return result
+            try:
+                appended = hook.replicate(entry)
+            except BaseException:
+                appended = fail()
+            return appended.addCallbacks(
+                lambda _: self._commit_replicated(commit, result, hook),
+                lambda failure: self._abort_replicated(commit, failure, hook),
+            )
+
+        def release(outcome: Any) -> Any:
+            self._release()
+            return outcome
+
+        return self._submit(begin).addCallback(began).addBoth(release)
+
+    def _commit_replicated(self, commit: Commit, result: T, hook: ReplicationHook) -> Deferred[T]:
+        def committed(_: None) -> T:
+            self._publish(commit)
+            return result
+
+        def lost(failure: Failure) -> Failure:
+            # The log has the entry; the next sync applies it here.
+            self.log.failure(
+                "committing replicated revision {revision} locally",
+                failure,
+                revision=commit.revision,
+            )
+            hook.conflicted(failure.value)
+            return failure
+
+        finish = self._submit(lambda: self._require_db().finish_replicated(commit, True))
+        return finish.addCallbacks(committed, lost)
+
+    def _abort_replicated(
+        self, commit: Commit, failure: Failure, hook: ReplicationHook
+    ) -> Deferred[T]:
+        def rolled_back(outcome: object) -> Failure:
+            if isinstance(outcome, Failure):
+                self.log.failure(
+                    "rolling back revision {revision}", outcome, revision=commit.revision
+                )
+            if failure.check(CommitConflict):
+                hook.conflicted(failure.value)
+                return Failure(
+                    Unavailable(
+                        "control store catching up with the cluster log; retry shortly",
+                        retry_after=0.5,
+                    )
+                )
+            return failure
+
+        finish = self._submit(lambda: self._require_db().finish_replicated(commit, False))
+        return finish.addBoth(rolled_back)
+
+    def apply(
+        self, entries: Sequence[SealedCommit], *, force_snapshot: bool = False
+    ) -> Deferred[CommitsApplied]:
+        """
+        Apply cluster-log entries in order (one transaction each; see
+        ``persistence.apply_commits``): fires with the revision, checksum
+        and count applied; fails with ``Locked`` while closed,
+        ``CommitConflict`` (head = this revision) for a gap, :class:`Diverged`
+        when the store's history differs from the log's, ``Conflict`` for a
+        tampered entry.  Entries before the failing one stay applied.  Not
+        gated on leadership: the log is the authority.
+        """
+        refused = self._locked()
+        if refused is not None:
+            return refused
+        return Deferred.fromCoroutine(self._apply(tuple(entries), force_snapshot))
+
+    async def _apply(self, entries: tuple[SealedCommit, ...], force: bool) -> CommitsApplied:
+        applied = 0
+        for entry in entries:
+            if not isinstance(entry, SealedCommit):
+                raise Conflict("apply_commits takes SealedCommit entries")
+            if self._status != _OPEN:
+                raise Locked("the control store is locked")
+            key = self._log_key
+            if key is None:
+                raise Conflict("the control store was opened without the cluster log's key")
+
+            def step(entry: SealedCommit = entry, key: bytes = key) -> Commit | None:
+                return self._require_db().apply_entry(entry, key, force)
+
+            commit = await self._run(step)
+            if commit is not None:
+                applied += 1
+                self._publish(commit)
+        return CommitsApplied(
+            revision=self._info.revision, checksum=self._info.checksum, applied=applied
+        )
+
+    def snapshot_entry(self) -> Deferred[SealedCommit]:
+        """The whole store at its head, sealed as a ``snapshot`` log entry."""
+        refused = self._locked()
+        if refused is not None:
+            return refused
+        key = self._log_key
+        if key is None:
+            return fail(Conflict("the control store was opened without the cluster log's key"))
+        return self._run(lambda: self._require_db().snapshot_entry(key))
 
     # -- maintenance
 
