@@ -24,8 +24,8 @@ be altered, replayed at another revision or relabelled.  The shared store
 
 **The sync driver** (:class:`SyncDriver`), level-triggered: a run reads the
 log after the store's revision (``cluster.read_commits``), applies it, and
-repeats while the log says ``more``; then, when this node leads ``control-
-plane`` and the log is empty or behind the store, it appends a snapshot of
+repeats while the log says ``more``; then, when this node leads
+``control-plane`` and the log is empty or behind the store, it appends a snapshot of
 the store so that joiners can start from it. One run at a time; a trigger
 during a run queues one more run; failures back off on the injected clock.
 A run starts at the entry at the store's head, so that the store's checksum
