@@ -5,16 +5,26 @@ defaults (a fresh state directory, the API on a free loopback port).
 - ``ready_s``: from spawning the process to the first 200 on
   ``/api/v1/health/ready`` (polled every 5 ms; target < 1 s);
 - ``idle_rss_mb``: resident memory after ``--idle`` seconds of idling
-  (target < 60 MB).
+  (target < 60 MB);
+- ``baseline_rss_mb``: for scale, the resident memory of a bare
+  ``twistd -n web`` serving a directory in the same interpreter (Twisted,
+  its TLS stack and twisted.web, nothing of piccolod).
+
+The daemon's modules are byte-compiled first (``compileall``), as an
+installed package is: a process that compiles every module from source at
+each start (``PYTHONDONTWRITEBYTECODE=1`` with no ``__pycache__``) starts
+slower and keeps more memory.  ``--source`` measures that case instead.
 
 Usage::
 
-    .venv/bin/python benchmarks/startup.py [--runs 5] [--idle 3] [--reactor asyncio] [--json]
+    .venv/bin/python benchmarks/startup.py [--runs 5] [--idle 3] [--reactor asyncio]
+        [--source] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import signal
 import statistics
@@ -28,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def rss_mb(pid: int) -> float:
@@ -77,13 +88,37 @@ def once(idle: float, reactor: str | None) -> dict[str, float]:
         return {"ready_s": ready, "idle_rss_mb": memory}
 
 
+def baseline(idle: float) -> float:
+    """Idle RSS of a bare ``twistd -n web`` on a free loopback port."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [TWISTD, "-n", "--pidfile=", "web", "--listen", "tcp:0:interface=127.0.0.1",
+               "--path", tmp]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # "Starting factory" once it listens
+                line = proc.stdout.readline()
+                if not line or b"Starting factory" in line or b"Site starting" in line:
+                    break
+            time.sleep(idle)
+            return rss_mb(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--idle", type=float, default=3.0)
     parser.add_argument("--reactor", default=None)
+    parser.add_argument("--source", action="store_true", help="do not byte-compile first")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if not args.source:
+        for tree in ("piccolod", "twisted/plugins"):
+            compileall.compile_dir(str(ROOT / tree), quiet=1)
     runs = [once(args.idle, args.reactor) for _ in range(args.runs)]
     ready = [r["ready_s"] for r in runs]
     rss = [r["idle_rss_mb"] for r in runs]
@@ -96,6 +131,8 @@ def main() -> None:
         "ready_s_max": round(max(ready), 3),
         "idle_rss_mb_median": round(statistics.median(rss), 1),
         "idle_rss_mb_max": round(max(rss), 1),
+        "byte_compiled": not args.source,
+        "baseline_rss_mb": round(baseline(args.idle), 1),
     }
     if args.json:
         print(json.dumps(result))

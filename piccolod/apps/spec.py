@@ -43,6 +43,7 @@ The accepted document::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import posixpath
@@ -51,7 +52,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
-import yaml
 
 from piccolod.errors import InvalidCommand
 
@@ -267,30 +267,37 @@ def valid_app_name(name: object) -> bool:
 # Loading YAML safely
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys."""
+@functools.cache
+def _yaml() -> tuple[Any, type[Any]]:
+    """
+    PyYAML and a ``SafeLoader`` that refuses duplicate keys, imported on
+    first use (an idle daemon with no app to read does not load PyYAML).
+    """
+    import yaml
 
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that refuses duplicate keys."""
 
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    result: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            hash(key)
-        except TypeError:
-            raise yaml.constructor.ConstructorError(
-                None, None, "a mapping key must be a scalar", key_node.start_mark
-            ) from None
-        if key in result:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        result[key] = loader.construct_object(value_node, deep=True)
-    return result
+    def construct_mapping(loader: Loader, node: yaml.MappingNode) -> dict[Any, Any]:
+        loader.flatten_mapping(node)
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a scalar", key_node.start_mark
+                ) from None
+            if key in result:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            result[key] = loader.construct_object(value_node, deep=True)
+        return result
 
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return yaml, Loader
 
 
 def load_yaml(text: str | bytes) -> Any:
@@ -309,9 +316,10 @@ def load_yaml(text: str | bytes) -> Any:
         decoded = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InvalidCommand("invalid app spec", errors=[f"spec: not UTF-8: {e}"]) from None
+    yaml, loader = _yaml()
     try:
         depth = 0
-        for event in yaml.parse(decoded, Loader=_Loader):
+        for event in yaml.parse(decoded, Loader=loader):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 mark = event.start_mark
                 line = mark.line + 1 if mark is not None else 0
@@ -328,7 +336,7 @@ def load_yaml(text: str | bytes) -> Any:
                     )
             elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 depth -= 1
-        documents = list(yaml.load_all(decoded, Loader=_Loader))
+        documents = list(yaml.load_all(decoded, Loader=loader))
     except yaml.YAMLError as e:
         raise InvalidCommand(
             "invalid app spec", errors=[f"spec: malformed YAML: {_yaml_message(e)}"]
@@ -341,7 +349,7 @@ def load_yaml(text: str | bytes) -> Any:
     return documents[0]
 
 
-def _yaml_message(error: yaml.YAMLError) -> str:
+def _yaml_message(error: Exception) -> str:
     mark = getattr(error, "problem_mark", None)
     problem = getattr(error, "problem", None) or str(error)
     if mark is not None:

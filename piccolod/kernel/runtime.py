@@ -23,6 +23,7 @@ from piccolod.interfaces import (
     ILeadershipRegistry,
     ISupervisor,
 )
+from piccolod.kernel.memory import trim_heap
 
 
 @attrs.frozen
@@ -102,10 +103,11 @@ class KernelService(Service):
         root: IService = self.kernel.supervisor  # type: ignore[assignment]
         root.startService()
         ready = self.kernel.supervisor.when_ready()
-        ready.addCallbacks(
-            lambda _: self.log.info("piccolod {node_id} ready", node_id=self.kernel.node_id),
-            self._not_ready,
-        )
+        ready.addCallbacks(self._ready, self._not_ready)
+
+    def _ready(self, _: object) -> None:
+        self.log.info("piccolod {node_id} ready", node_id=self.kernel.node_id)
+        trim_heap()  # start-up's garbage back to the OS: idle memory is what stays
 
     def _not_ready(self, failure: Any) -> None:
         from piccolod.errors import NotReady
