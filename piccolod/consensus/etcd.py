@@ -58,6 +58,14 @@ id>`` bound to its ``control-plane`` lease; ``cluster.status`` lists them.
 **Replication hooks** (for the persistence subsystem, through commands):
 :meth:`EtcdConsensus.fenced_put` and :meth:`EtcdConsensus.watch_prefix`
 work on keys relative to ``<prefix>/data/``.
+
+**The replicated control store's commit log** (layout and rules in
+:mod:`piccolod.consensus.etcd_log`): :meth:`EtcdConsensus.replicate_commit`
+appends one entry in one fenced transaction that also checks the log's
+head (``cluster.replicate_commit``); :meth:`EtcdConsensus.read_commits`
+reads a slice (``cluster.read_commits``); a :class:`~.etcd_log.CommitFeed`
+announces every new head on the bus (``CommitLogAdvanced``), and
+``cluster.status`` reports the replication lag.
 """
 
 from __future__ import annotations
@@ -80,12 +88,18 @@ from piccolod.commands import (
     ClusterStatus,
     ClusterValue,
     CommandContext,
+    CommitLog,
+    CommitReplicated,
     FencedPut,
     FencedPutDone,
     GetClusterStatus,
+    GetStorageStatus,
     LeadershipResult,
     ReadClusterKey,
+    ReadCommits,
     ReleaseResource,
+    ReplicateCommit,
+    SealedCommit,
     TrackResource,
 )
 from piccolod.consensus.etcd_client import (
@@ -97,9 +111,27 @@ from piccolod.consensus.etcd_client import (
     Watch,
     WatchEvent,
     check_endpoints,
+    compare,
+    op_delete,
+    op_put,
+    op_range,
     prefix_end,
+    txn_ranges,
+)
+from piccolod.consensus.etcd_log import (
+    COMMITS,
+    HEAD,
+    SNAPSHOT,
+    CommitFeed,
+    ReplicationLag,
+    commit_key,
+    commit_log,
+    decode_entry,
+    encode_entry,
+    parse_head,
 )
 from piccolod.errors import (
+    CommitConflict,
     ConfigError,
     InvalidCommand,
     NotLeader,
@@ -108,13 +140,15 @@ from piccolod.errors import (
     StaleTerm,
     Unavailable,
 )
-from piccolod.events import HealthLevel, Role
+from piccolod.events import ControlStoreCommit, HealthLevel, Role
 from piccolod.interfaces import (
     Backoff,
     ICommandDispatcher,
     IConsensus,
+    IEventBus,
     IHealth,
     ILeadershipRegistry,
+    ISubscription,
     LeadershipState,
 )
 from piccolod.kernel.aio import provides
@@ -835,6 +869,14 @@ def _holder_node(holder: KeyValue) -> str | None:
     return _holder_info(holder)[0]
 
 
+def _answer_revision(answer: Mapping[str, Any]) -> int:
+    header = answer.get("header")
+    try:
+        return int(header.get("revision", 0)) if isinstance(header, Mapping) else 0
+    except (TypeError, ValueError):
+        return 0
+
+
 # --------------------------------------------------------------------------
 # Prefix watches (for replication)
 
@@ -959,6 +1001,11 @@ class EtcdConsensus(Service):
         default=None, validator=attrs.validators.optional(provides(IHealth))
     )
     api_address: str | None = None
+    #: Where ``CommitLogAdvanced`` goes and ``persistence.control_commit``
+    #: comes from (``None``: no feed, no lag figures).
+    bus: IEventBus | None = attrs.field(
+        default=None, validator=attrs.validators.optional(provides(IEventBus)), kw_only=True
+    )
     rand: Callable[[], float] = random.random
     health_interval: float = 2.0
     name: str = attrs.field(default="consensus", kw_only=True)
@@ -972,6 +1019,14 @@ class EtcdConsensus(Service):
     _members: list[dict[str, Any]] = attrs.field(init=False, factory=list)
     _member_lease: int | None = attrs.field(init=False, default=None)
     _registration: Registration | None = attrs.field(init=False, default=None)
+    #: The commit log's head as seen, and this node's store revision.
+    lag: ReplicationLag = attrs.field(init=False, factory=ReplicationLag)
+    feed: CommitFeed = attrs.field(init=False)
+    _commits: ISubscription | None = attrs.field(init=False, default=None)
+
+    @feed.default
+    def _feed(self) -> CommitFeed:
+        return CommitFeed(self, self.lag)
 
     def __attrs_post_init__(self) -> None:
         Service.__init__(self)
@@ -1003,6 +1058,7 @@ class EtcdConsensus(Service):
             health=kernel.health,
             api_address=kernel.api_address or None,
             health_interval=max(1.0, min(5.0, settings.ttl / 2)),
+            bus=kernel.bus,
         )
 
     # -- IConsensus ---------------------------------------------------------------
@@ -1127,6 +1183,184 @@ class EtcdConsensus(Service):
         watch.start()
         return watch
 
+    # -- the commit log -------------------------------------------------------------
+
+    def replicate_commit(self, entry: SealedCommit) -> Deferred[CommitReplicated]:
+        """
+        Append ``entry`` to the commit log in one transaction fenced by this
+        node's ``control-plane`` term (see :mod:`.etcd_log`).  Fires with
+        ``CommitReplicated`` once etcd has it.  Fails with ``NotLeader``
+        (leader hint when known) when this node does not lead, its renew
+        deadline passed or the fence failed; ``CommitConflict`` (with the
+        log's head) when the entry does not follow the head; ``Unavailable``
+        when etcd cannot be reached; ``CorruptCommitLog`` for a malformed head.
+        """
+        return Deferred.fromCoroutine(self._replicate(entry))
+
+    async def _replicate(self, entry: SealedCommit) -> CommitReplicated:
+        election = self._elections.get(CONTROL_PLANE)
+        if election is None or not self.running or not election.leading():
+            raise self._not_leader(CONTROL_PLANE)
+        term = election.term
+        data_key = self.settings.data_key
+        head_key = data_key(HEAD)
+        value = encode_entry(entry, term)
+        fence = compare(election.key, "CREATE", "EQUAL", term)
+        revision = entry.revision
+        if entry.kind == "commit":
+            entry_key = data_key(commit_key(revision))
+            compares = [fence, compare(head_key, "VALUE", "EQUAL", str(revision - 1).encode())]
+            success = [op_put(entry_key, value), op_put(head_key, str(revision).encode())]
+        else:
+            entry_key = data_key(SNAPSHOT)
+            compares = [fence, await self._snapshot_guard(entry)]
+            success = [
+                op_put(entry_key, value),
+                op_put(head_key, str(revision).encode()),
+                # Every commit the snapshot covers: the log stays bounded.
+                op_delete(data_key(COMMITS), data_key(commit_key(revision + 1))),
+            ]
+            if not election.leading() or election.term != term:
+                raise self._not_leader(CONTROL_PLANE)
+        failure = [op_range(election.key), op_range(head_key), op_range(entry_key)]
+        answer = await self.client.txn(compares, success, failure)
+        ranges = txn_ranges(answer)
+        log_revision = _answer_revision(answer)
+        if answer.get("succeeded"):
+            return CommitReplicated(revision=revision, log_revision=log_revision, term=term)
+        if len(ranges) != 3:
+            raise EtcdError("a refused append answered without its reads")
+        holder, head, mine = ranges
+        if mine.kvs and mine.kvs[0].value == value:
+            # This very entry is there (a retried request that had landed):
+            # the nonce in ``sealed`` makes every entry's value unique.
+            return CommitReplicated(
+                revision=revision, log_revision=mine.kvs[0].mod_revision, term=term
+            )
+        if not holder.kvs or holder.kvs[0].create_revision != term:
+            self.log.warn(
+                "control-plane: commit {revision} refused by etcd: term {term} no longer holds",
+                revision=revision,
+                term=term,
+            )
+            if election is self._elections.get(CONTROL_PLANE):
+                election._step_down("fenced append refused")
+                election._poke("fence lost")
+            raise self._not_leader(CONTROL_PLANE)
+        found = parse_head(head.kvs[0] if head.kvs else None, HEAD)
+        if entry.kind == "commit":
+            detail = (
+                f"commit {revision} does not follow the log's head {found}"
+                if found is not None
+                else f"commit {revision} cannot start an empty log: append a snapshot first"
+            )
+        else:
+            detail = f"snapshot {revision} is not ahead of the log's head {found}"
+        raise CommitConflict(detail, head=found)
+
+    async def _snapshot_guard(self, entry: SealedCommit) -> dict[str, Any]:
+        """
+        The compare that admits a snapshot of revision ``R``: the head as
+        read now is unchanged (compare its mod revision; 0 when absent),
+        and it is absent, below ``R``, or at ``R`` with the checksum of
+        ``R``'s entry (a compaction of the log at its head).  Raises
+        ``CommitConflict`` otherwise.
+        """
+        data_key = self.settings.data_key
+        head_key = data_key(HEAD)
+        read = await self.client.txn(
+            [], [op_range(head_key), op_range(data_key(commit_key(entry.revision)))]
+        )
+        head_range, at_range = txn_ranges(read)
+        head_kv = head_range.kvs[0] if head_range.kvs else None
+        head = parse_head(head_kv, HEAD)
+        if head is not None and head >= entry.revision:
+            same = False
+            if head == entry.revision:
+                if at_range.kvs:
+                    at = decode_entry(
+                        at_range.kvs[0].value,
+                        commit_key(head),
+                        "commit",
+                        head,
+                    )
+                    same = at.checksum == entry.checksum
+                else:
+                    snapshot = await self.client.get(data_key(SNAPSHOT))
+                    if snapshot is not None:
+                        at = decode_entry(snapshot.value, SNAPSHOT, "snapshot")
+                        same = at.revision == head and at.checksum == entry.checksum
+            if not same:
+                raise CommitConflict(
+                    f"snapshot {entry.revision} is not ahead of the log's head {head}", head=head
+                )
+        return compare(head_key, "MOD", "EQUAL", head_kv.mod_revision if head_kv else 0)
+
+    def read_commits(self, after: int, limit: int = 1000) -> Deferred[CommitLog]:
+        """
+        The commit log after store revision ``after`` (see ``CommitLog``),
+        from one linearizable read: the commits from ``after + 1`` (at most
+        ``limit``), preceded by the snapshot when the first commit needed
+        was compacted away.  Fails with ``Unavailable`` when etcd cannot be
+        reached and ``CorruptCommitLog`` for a malformed entry or head.
+        """
+        return Deferred.fromCoroutine(self._read_commits(after, limit))
+
+    async def _read_commits(self, after: int, limit: int) -> CommitLog:
+        if after < 0 or limit < 1:
+            raise InvalidCommand("after must be >= 0 and limit >= 1")
+        data_key = self.settings.data_key
+        commits = data_key(COMMITS)
+        answer = await self.client.txn(
+            [],
+            [
+                op_range(data_key(commit_key(after + 1)), prefix_end(commits), limit),
+                op_range(data_key(HEAD)),
+                op_range(data_key(SNAPSHOT)),
+            ],
+        )
+        ranges = txn_ranges(answer)
+        if len(ranges) != 3:
+            raise EtcdError("a read of the commit log answered without its ranges")
+        found, head, snapshot = ranges
+        log = commit_log(after, limit, found, head, snapshot, commits_prefix=commits)
+        if log.head is not None:
+            # A read is as good as the watch for the lag figures.
+            self._log_seen(log.head, head.kvs[0].mod_revision)
+        return log
+
+    def _log_seen(self, head: int, log_revision: int) -> None:
+        if self.lag.head is None or head > self.lag.head:
+            self.lag.head, self.lag.log_revision = head, log_revision
+            self.lag.update(self.clock.seconds())
+
+    def _store_committed(self, envelope: Any) -> None:
+        event = envelope.event
+        if isinstance(event, ControlStoreCommit):
+            self.lag.applied = event.revision
+            self.lag.update(self.clock.seconds())
+
+    async def _store_revision(self) -> None:
+        """Refresh ``lag.applied`` from ``persistence.status`` (when there is one)."""
+        dispatcher = self.dispatcher
+        if dispatcher is None or GetStorageStatus.name not in dispatcher.names():
+            return
+        try:
+            status = await dispatcher.dispatch(
+                GetStorageStatus(),
+                CommandContext(subject="system:consensus", timeout=2.0),
+            )
+        except PiccolodError as e:
+            self.log.debug("persistence.status for the lag: {error}", error=e.detail)
+            return
+        store = getattr(status, "store", None)
+        revision = store.get("revision") if isinstance(store, Mapping) else None
+        if isinstance(revision, int) and not isinstance(revision, bool):
+            self.lag.applied = revision
+        else:
+            self.lag.applied = None  # locked: nothing applied here now
+        self.lag.update(self.clock.seconds())
+
     # -- status -------------------------------------------------------------------
 
     def status(self) -> Deferred[ClusterStatus]:
@@ -1159,6 +1393,20 @@ class EtcdConsensus(Service):
                 {"node_id": self.node_id, "api_address": self.api_address, "self": True}
             )
         resources = [self._elections[r].to_json() for r in sorted(self._elections)]
+        for member in members_out:
+            # Roles as this node sees them: every member campaigns for
+            # control-plane; of other resources only their leaders are known.
+            roles: dict[str, str] = {}
+            terms: dict[str, int] = {}
+            for state in resources:
+                name = state["resource"]
+                if state["leader_id"] == member["node_id"]:
+                    roles[name], terms[name] = "leader", state["term"]
+                elif name == CONTROL_PLANE and state["leader_id"] is not None:
+                    roles[name], terms[name] = "follower", state["term"]
+            member["roles"] = roles
+            member["terms"] = terms
+        await self._store_revision()
         backend: dict[str, Any] = {
             "prefix": self.settings.prefix,
             "ttl": self.settings.ttl,
@@ -1175,6 +1423,10 @@ class EtcdConsensus(Service):
         }
         if members_error is not None:
             backend["members_error"] = members_error
+        backend["replication"] = {
+            **self.lag.to_json(self.clock.seconds()),
+            "feed": self.feed.to_json(),
+        }
         return ClusterStatus(
             node_id=self.node_id,
             variant="etcd",
@@ -1278,9 +1530,16 @@ class EtcdConsensus(Service):
                 (GetClusterStatus, self._handle_status),
                 (FencedPut, self._handle_fenced_put),
                 (ReadClusterKey, self._handle_get),
+                (ReplicateCommit, self._handle_replicate),
+                (ReadCommits, self._handle_read_commits),
             ]
             self._registration = register_all(self.dispatcher, handlers)
         Service.startService(self)
+        if self.bus is not None:
+            self._commits = self.bus.subscribe(
+                ControlStoreCommit.topic, self._store_committed, name="consensus.lag"
+            )
+        self.feed.start()
         if self.health is not None:
             self.health.report(COMPONENT, HealthLevel.WARN, "connecting to etcd")
         self._probe = LoopingCall(self._probe_endpoints)
@@ -1308,6 +1567,10 @@ class EtcdConsensus(Service):
         if self._probe is not None and self._probe.running:
             self._probe.stop()
         self._probe = None
+        self.feed.stop()
+        if self._commits is not None:
+            commits, self._commits = self._commits, None
+            commits.cancel()
         for watch in list(self._prefix_watches):
             watch.cancel()
         stops = [
@@ -1349,6 +1612,12 @@ class EtcdConsensus(Service):
             )
 
         return d.addCallback(done)
+
+    def _handle_replicate(self, command: ReplicateCommit, context: CommandContext) -> Deferred[Any]:
+        return self.replicate_commit(command.entry)
+
+    def _handle_read_commits(self, command: ReadCommits, context: CommandContext) -> Deferred[Any]:
+        return self.read_commits(command.after, command.limit)
 
     def _handle_get(self, command: ReadClusterKey, context: CommandContext) -> Deferred[Any]:
         d = self.client.range(self.settings.data_key(command.key))

@@ -76,7 +76,12 @@ __all__ = [
     "WatchCanceled",
     "WatchEvent",
     "check_endpoints",
+    "compare",
+    "op_delete",
+    "op_put",
+    "op_range",
     "prefix_end",
+    "txn_ranges",
 ]
 
 #: gRPC status codes etcd answers with (in the JSON body's ``code``).
@@ -244,6 +249,92 @@ class RangeResult:
     revision: int
     count: int = 0
     more: bool = False
+
+
+# Transaction parts (etcd's ``Compare`` and ``RequestOp`` as gateway JSON)
+
+#: The field a compare of each target reads.
+_COMPARE_FIELDS = {
+    "VALUE": "value",
+    "VERSION": "version",
+    "CREATE": "create_revision",
+    "MOD": "mod_revision",
+    "LEASE": "lease",
+}
+
+
+def compare(key: bytes, target: str, result: str, value: bytes | int) -> dict[str, Any]:
+    """
+    One compare of a transaction: ``target`` (``VALUE``, ``VERSION``,
+    ``CREATE``, ``MOD``, ``LEASE``) of ``key`` ``result`` (``EQUAL``,
+    ``NOT_EQUAL``, ``GREATER``, ``LESS``) ``value``.  etcd compares values
+    as bytes, and a ``VALUE`` compare of a missing key is always false; the
+    other targets of a missing key read 0.
+    """
+    field = _COMPARE_FIELDS.get(target)
+    if field is None:
+        raise InvalidCommand(f"unknown compare target {target!r}")
+    if result not in ("EQUAL", "NOT_EQUAL", "GREATER", "LESS"):
+        raise InvalidCommand(f"unknown compare result {result!r}")
+    if target == "VALUE":
+        if not isinstance(value, bytes):
+            raise InvalidCommand("a VALUE compare needs bytes")
+        operand = _b64(value)
+    else:
+        if isinstance(value, (bytes, bool)):
+            raise InvalidCommand(f"a {target} compare needs an integer")
+        operand = str(value)
+    return {"key": _b64(key), "target": target, "result": result, field: operand}
+
+
+def op_put(key: bytes, value: bytes, lease: int = 0) -> dict[str, Any]:
+    """A put request of a transaction."""
+    body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+    if lease:
+        body["lease"] = str(lease)
+    return {"request_put": body}
+
+
+def op_range(key: bytes, range_end: bytes | None = None, limit: int = 0) -> dict[str, Any]:
+    """A range request of a transaction (``limit`` 0: no limit)."""
+    body: dict[str, Any] = {"key": _b64(key)}
+    if range_end is not None:
+        body["range_end"] = _b64(range_end)
+    if limit:
+        body["limit"] = str(limit)
+    return {"request_range": body}
+
+
+def op_delete(key: bytes, range_end: bytes | None = None) -> dict[str, Any]:
+    """A delete request of a transaction (a key, or ``[key, range_end)``)."""
+    body: dict[str, Any] = {"key": _b64(key)}
+    if range_end is not None:
+        body["range_end"] = _b64(range_end)
+    return {"request_delete_range": body}
+
+
+def txn_ranges(answer: Mapping[str, Any]) -> list[RangeResult]:
+    """
+    The range results of a transaction's answer, in request order (the
+    answer's header revision stands for each).  Raises :class:`EtcdError`
+    for a malformed answer.
+    """
+    try:
+        revision = _header_revision(answer)
+        responses = answer.get("responses") or []
+        if not isinstance(responses, list):
+            raise _BadResponse(f"bad txn responses {responses!r}")
+        out: list[RangeResult] = []
+        for response in responses:
+            if isinstance(response, Mapping) and "response_range" in response:
+                found = response["response_range"]
+                if not isinstance(found, Mapping):
+                    raise _BadResponse(f"bad range response {found!r}")
+                result = _range_result({**found, "header": {"revision": str(revision)}})
+                out.append(result)
+        return out
+    except _BadResponse as e:
+        raise EtcdError(f"unexpected answer from etcd: {e}") from None
 
 
 @attrs.frozen

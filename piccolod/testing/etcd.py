@@ -583,7 +583,7 @@ class FakeEtcd:
             revision = self.revision + 1 if writes else self.revision
             events = []
             responses = self._apply(ops, revision, events)
-            if writes:
+            if events:  # like etcd: a txn that changed nothing keeps the revision
                 self.revision = revision
             self._commit(events)
             answer = {}

@@ -30,7 +30,12 @@ from piccolod.consensus.etcd_client import (
     LeaseNotFound,
     WatchCanceled,
     WatchEvent,
+    compare,
+    op_delete,
+    op_put,
+    op_range,
     prefix_end,
+    txn_ranges,
 )
 
 if TYPE_CHECKING:
@@ -227,6 +232,93 @@ class EtcdClientContract(_Base):
         self.assertFalse(self.wait(self.client.delete_if_created_at(self.k("k"), first + 1000)))
         self.assertTrue(self.wait(self.client.delete_if_created_at(self.k("k"), first)))
         self.assertIsNone(self.wait(self.client.get(self.k("k"))))
+
+    def test_txn_value_compare_and_failure_reads(self) -> None:
+        """A VALUE compare decides the branch; the failure branch's reads come back in order."""
+        self.wait(self.client.put(self.k("head"), b"5"))
+        lease = self.wait(self.client.grant(30))
+        won = self.wait(self.client.create_if_absent(self.k("lead"), b"a", lease.id))
+        term = won.holder.create_revision
+        fence = compare(self.k("lead"), "CREATE", "EQUAL", term)
+        reads = [op_range(self.k("lead")), op_range(self.k("head")), op_range(self.k("none"))]
+        refused = self.wait(
+            self.client.txn(
+                [fence, compare(self.k("head"), "VALUE", "EQUAL", b"4")],
+                [op_put(self.k("head"), b"5"), op_put(self.k("e/5"), b"x")],
+                reads,
+            )
+        )
+        self.assertFalse(refused.get("succeeded", False))
+        holder, head, none = txn_ranges(refused)
+        self.assertEqual([kv.create_revision for kv in holder.kvs], [term])
+        self.assertEqual([kv.value for kv in head.kvs], [b"5"])
+        self.assertEqual(none.kvs, ())
+        self.assertIsNone(self.wait(self.client.get(self.k("e/5"))))
+        accepted = self.wait(
+            self.client.txn(
+                [fence, compare(self.k("head"), "VALUE", "EQUAL", b"5")],
+                [op_put(self.k("e/6"), b"six"), op_put(self.k("head"), b"6")],
+                reads,
+            )
+        )
+        self.assertTrue(accepted.get("succeeded"))
+        six = self.wait(self.client.get(self.k("e/6")))
+        head_kv = self.wait(self.client.get(self.k("head")))
+        assert six is not None and head_kv is not None
+        self.assertEqual(six.mod_revision, head_kv.mod_revision)  # one revision for both
+        self.assertEqual(head_kv.value, b"6")
+        self.wait(self.client.revoke(lease.id))
+
+    def test_txn_compares_on_missing_keys(self) -> None:
+        """A VALUE compare of a missing key is false (even with b""); MOD and VERSION read 0."""
+
+        def decided(*compares: dict[str, Any]) -> bool:
+            answer = self.wait(self.client.txn(list(compares), [], []))
+            return bool(answer.get("succeeded"))
+
+        missing = self.k("missing")
+        self.assertFalse(decided(compare(missing, "VALUE", "EQUAL", b"")))
+        self.assertFalse(decided(compare(missing, "VALUE", "NOT_EQUAL", b"x")))
+        self.assertTrue(decided(compare(missing, "MOD", "EQUAL", 0)))
+        self.assertTrue(decided(compare(missing, "VERSION", "EQUAL", 0)))
+        revision = self.wait(self.client.put(missing, b"now"))
+        self.assertFalse(decided(compare(missing, "MOD", "EQUAL", 0)))
+        self.assertTrue(decided(compare(missing, "MOD", "EQUAL", revision)))
+        self.assertTrue(decided(compare(missing, "VALUE", "LESS", b"nox")))
+
+    def test_txn_delete_range_and_limited_reads(self) -> None:
+        """A txn deletes a key range with its puts; a read-only txn's limited range says more."""
+        for i in range(1, 6):
+            self.wait(self.client.put(self.k(f"log/{i:03d}"), b"%d" % i))
+        answer = self.wait(
+            self.client.txn(
+                [],
+                [
+                    op_put(self.k("snap"), b"3"),
+                    op_delete(self.k("log/"), self.k("log/004")),
+                ],
+            )
+        )
+        self.assertTrue(answer.get("succeeded"))
+        left = self.wait(self.client.get_prefix(self.k("log/")))
+        self.assertEqual([kv.value for kv in left.kvs], [b"4", b"5"])
+        read = self.wait(
+            self.client.txn(
+                [],
+                [
+                    op_range(self.k("log/"), prefix_end(self.k("log/")), limit=1),
+                    op_range(self.k("snap")),
+                ],
+            )
+        )
+        logs, snap = txn_ranges(read)
+        self.assertEqual([kv.value for kv in logs.kvs], [b"4"])
+        self.assertTrue(logs.more)
+        self.assertEqual([kv.value for kv in snap.kvs], [b"3"])
+        # A txn that changes nothing (deleting nothing) keeps the store's revision.
+        before = self.wait(self.client.range(self.k("snap"))).revision
+        self.wait(self.client.txn([], [op_delete(self.k("nothing/"), self.k("nothing0"))]))
+        self.assertEqual(self.wait(self.client.range(self.k("snap"))).revision, before)
 
     # -- watches ------------------------------------------------------------------------------
 

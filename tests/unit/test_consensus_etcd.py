@@ -94,6 +94,7 @@ class Node:
             api_address=f"http://{name}:8080",
             rand=lambda: 0.5,
             health_interval=1.0,
+            bus=self.bus,
         )
         self.changes: list[LeadershipRoleChanged] = []
         self.bus.subscribe(LeadershipRoleChanged.topic, lambda env: self.changes.append(env.event))
