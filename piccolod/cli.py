@@ -15,7 +15,7 @@ standard input.
 
 **Commands**: ``status``, ``setup``, ``login``, ``logout``, ``unlock``
 (logs in when there is no session: a login unlocks), ``lock``, ``token
-create|list|revoke``, ``events [--follow] [PATTERN]``, ``call COMMAND
+create|list|revoke``, ``cluster [status|join]``, ``events [--follow] [PATTERN]``, ``call COMMAND
 [--json ARGS]``, and the kernel views ``health``, ``supervisor``,
 ``leadership``, ``jobs``, ``job``, ``cancel``, ``metrics``.  Output is for
 humans; ``--json`` prints the API's JSON answer instead.
@@ -39,7 +39,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -237,6 +237,19 @@ class PasswordOptions(usage.Options):
     ]
 
 
+class ClusterOptions(usage.Options):
+    subCommands = [
+        ["status", None, usage.Options, "Members, roles, terms and replication lag."],
+        [
+            "join",
+            None,
+            PasswordOptions,
+            "Join this new node to the cluster's shared store with the admin password.",
+        ],
+    ]
+    defaultSubCommand = "status"
+
+
 class UnlockOptions(PasswordOptions):
     optFlags = [["recovery-key", "r", "Unlock with the 24-word recovery key instead."]]
 
@@ -322,6 +335,7 @@ class Options(usage.Options):
         ["unlock", None, UnlockOptions, "Unlock storage (logs in first when needed)."],
         ["lock", None, usage.Options, "Lock storage."],
         ["token", None, TokenOptions, "API tokens: create, list, revoke."],
+        ["cluster", None, ClusterOptions, "The cluster: status, or join this node to it."],
         ["events", None, EventsOptions, "Recent events, or --follow the stream (PATTERN: a.*)."],
         ["call", None, CallOptions, "Run any registered command: call NAME --json '{...}'."],
         ["health", None, usage.Options, "Health of every component and readiness."],
@@ -559,6 +573,8 @@ async def _command(
         return f"storage {body['state']}", body
     if command == "token":
         return await _token(client, sub)
+    if command == "cluster":
+        return await _cluster(client, sub, env, prompt, path)
     if command == "events":
         return await _events(reactor, options, client, out, sub)
     if command == "app":
@@ -579,6 +595,53 @@ async def _command(
         )
         return json.dumps(body.get("result"), indent=2, sort_keys=True), body
     return await _kernel_view(reactor, command, sub, client, out)
+
+
+async def _cluster(
+    client: Client, sub: Any, env: dict[str, str], prompt: Callable[[str], str], path: Path
+) -> tuple[str, Any]:
+    if sub.subCommand == "join":
+        secret = read_password(sub.subOptions, env, prompt)
+        _, body, response = await client.request(
+            "POST", "/api/v1/cluster/join", {"password": secret}
+        )
+        cookie = _cookie_of(response)
+        if cookie:
+            save_session(path, client.base, cookie, body.get("csrf_token", ""))
+        return f"joined the cluster; storage {body.get('state')}", body
+    _, body, _ = await client.request("GET", "/api/v1/cluster")
+    return format_cluster(body), body
+
+
+def format_cluster(body: Mapping[str, Any]) -> str:
+    """``GET /api/v1/cluster`` for humans: one line per member and resource, then the lag."""
+    lines = [f"node {body.get('node_id')} ({body.get('variant')})"]
+    for member in body.get("members") or []:
+        roles = ", ".join(
+            f"{resource} {role}" for resource, role in sorted((member.get("roles") or {}).items())
+        )
+        mark = " (this node)" if member.get("self") else ""
+        lines.append(
+            f"  member {member.get('node_id')}{mark} at {member.get('api_address')}"
+            + (f": {roles}" if roles else "")
+        )
+    for state in body.get("resources") or []:
+        lines.append(
+            f"  {state.get('resource')}: {state.get('role')}, term {state.get('term')}, "
+            f"leader {state.get('leader_id')}"
+        )
+    replication = (body.get("backend") or {}).get("replication")
+    if replication:
+        lines.append(
+            f"  commit log head {replication.get('log_head')}, applied "
+            f"{replication.get('applied')}, lag {replication.get('lag')}"
+            + (
+                f" (behind for {replication.get('behind_for')}s)"
+                if replication.get("behind_for")
+                else ""
+            )
+        )
+    return "\n".join(lines)
 
 
 async def _token(client: Client, sub: Any) -> tuple[str, Any]:

@@ -21,6 +21,7 @@ PUBLIC = {
     ("POST", "/api/v1/auth/login"),
     ("GET", "/api/v1/auth/session"),
     ("POST", "/api/v1/auth/recovery-key/reset"),
+    ("POST", "/api/v1/cluster/join"),  # a fresh node joining has no session yet
     ("GET", "/api/v1/openapi.json"),
     ("GET", "/.well-known/acme-challenge/{token}"),  # ACME HTTP-01: public by RFC 8555
 }
@@ -70,8 +71,8 @@ class OpenAPITests(SynchronousTestCase):
 
     def test_public_routes_are_exactly_the_expected_ones(self) -> None:
         """
-        Only the health checks, setup, login, session, recovery reset, this
-        document and the portal's static files (GET only) are public.
+        Only the health checks, setup, login, session, recovery reset, cluster
+        join, this document and the portal's static files (GET only) are public.
         """
         public = {
             (method.upper(), path)
