@@ -1223,6 +1223,7 @@ class EtcdConsensus(Service):
             if not election.leading() or election.term != term:
                 raise self._not_leader(CONTROL_PLANE)
         failure = [op_range(election.key), op_range(head_key), op_range(entry_key)]
+        self.feed.appended(revision)
         answer = await self.client.txn(compares, success, failure)
         ranges = txn_ranges(answer)
         log_revision = _answer_revision(answer)
@@ -1339,6 +1340,7 @@ class EtcdConsensus(Service):
         if isinstance(event, ControlStoreCommit):
             self.lag.applied = event.revision
             self.lag.update(self.clock.seconds())
+            self.feed.committed(event.revision)
 
     async def _store_revision(self) -> None:
         """Refresh ``lag.applied`` from ``persistence.status`` (when there is one)."""

@@ -257,12 +257,19 @@ class CommitFeed:
     (:class:`~piccolod.consensus.etcd.PrefixWatch`); compaction or a
     refused watch starts over from a read; a failed read is retried with
     backoff.  Runs on every node, the leader included.
+
+    On the node that appended a head itself the event waits until its own
+    store has committed that revision (``persistence.control_commit``), at
+    most ``own_delay`` seconds: announced earlier, it would tell the
+    store's sync driver that the log is ahead of a commit still in its
+    second hop, and the driver would stop writes to catch up with itself.
     """
 
     log = Logger()
 
     owner: EtcdConsensus
     lag: ReplicationLag
+    own_delay: float = 1.0
     #: ``stopped``, ``reading``, ``watching`` or ``backoff``.
     state: str = attrs.field(init=False, default="stopped")
     published: int = attrs.field(init=False, default=0)
@@ -272,6 +279,23 @@ class CommitFeed:
     _timer: IDelayedCall | None = attrs.field(init=False, default=None)
     _reading: Deferred[Any] | None = attrs.field(init=False, default=None)
     _attempt: int = attrs.field(init=False, default=0)
+    #: Revisions this node appended itself, not yet announced.
+    _own: set[int] = attrs.field(init=False, factory=set)
+    #: A head of this node's own, held until its store commits it.
+    _held: KeyValue | None = attrs.field(init=False, default=None)
+    _hold_timer: IDelayedCall | None = attrs.field(init=False, default=None)
+
+    def appended(self, revision: int) -> None:
+        """This node appended ``revision``: hold its announcement (see the class)."""
+        self._own.add(revision)
+        if len(self._own) > 1000:
+            self._own = {r for r in self._own if r >= revision - 100}
+
+    def committed(self, revision: int) -> None:
+        """This node's store committed ``revision``: announce a head held for it."""
+        held = self._held
+        if held is not None and self.lag.head is not None and revision >= self.lag.head:
+            self._release()
 
     def start(self) -> None:
         if self.state != "stopped":
@@ -280,6 +304,9 @@ class CommitFeed:
 
     def stop(self) -> None:
         self.state = "stopped"
+        self._cancel_hold()
+        self._held = None
+        self._own.clear()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -356,9 +383,30 @@ class CommitFeed:
         self.lag.head = head
         self.lag.log_revision = kv.mod_revision
         self.lag.update(self.owner.clock.seconds())
+        own = head in self._own
+        self._own = {r for r in self._own if r > head}
+        if own and (self.lag.applied is None or self.lag.applied < head):
+            self._held = kv
+            if self._hold_timer is None:
+                self._hold_timer = self.owner.clock.callLater(self.own_delay, self._release)
+            return
+        self._held = kv
+        self._release()
+
+    def _cancel_hold(self) -> None:
+        if self._hold_timer is not None and self._hold_timer.active():
+            self._hold_timer.cancel()
+        self._hold_timer = None
+
+    def _release(self) -> None:
+        """Announce the newest head seen (held or not)."""
+        self._cancel_hold()
+        kv, self._held = self._held, None
+        if kv is None or self.lag.head is None:
+            return
         bus = self.owner.bus
         if bus is not None:
-            event = CommitLogAdvanced(head=head, log_revision=kv.mod_revision)
+            event = CommitLogAdvanced(head=self.lag.head, log_revision=self.lag.log_revision)
             bus.publish(event, source="consensus")
             self.published += 1
 

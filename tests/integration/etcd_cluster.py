@@ -261,6 +261,7 @@ class PiccolodNode:
         retry_period: float = RETRY_PERIOD,
         request_timeout: float = REQUEST_TIMEOUT,
         prefix: str = PREFIX,
+        extra: str = "",
     ) -> None:
         self.name = name
         self.state_dir = root / name
@@ -285,6 +286,7 @@ ttl = {ttl}
 renew_deadline = {renew_deadline}
 retry_period = {retry_period}
 request_timeout = {request_timeout}
+{extra}
 """
         )
         self.token = self._provision_token()
@@ -399,8 +401,13 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval:
     return poll(check, timeout=timeout, interval=interval, what=what)
 
 
-def start_nodes(root: Path, endpoints: Sequence[str], count: int = 3) -> list[PiccolodNode]:
-    nodes = [PiccolodNode(root, f"node-{chr(ord('a') + i)}", endpoints) for i in range(count)]
+def start_nodes(
+    root: Path, endpoints: Sequence[str], count: int = 3, extra: str = ""
+) -> list[PiccolodNode]:
+    nodes = [
+        PiccolodNode(root, f"node-{chr(ord('a') + i)}", endpoints, extra=extra)
+        for i in range(count)
+    ]
     for node in nodes:
         node.start()
     for node in nodes:
@@ -473,3 +480,108 @@ def failover_round(
     by_name[old].wait_serving()
     one_leader(nodes)
     return {"round": number, "old": old, "new": new, "term": new_term, "seconds": took}
+
+
+# --------------------------------------------------------------------------
+# The replicated control store (setup on the leader, join, writes, reads)
+
+#: A fast KDF for tests and benchmarks (the packaged Argon2 is Pi-sized).
+FAST_STORAGE = """
+[subsystems.persistence]
+argon2_time_cost = 1
+argon2_memory_kib = 1024
+unlock_backoff_initial = 0.2
+unlock_backoff_max = 2.0
+"""
+ADMIN_PASSWORD = "correct horse battery"
+COMMITS_PREFIX = f"{PREFIX}/data/control/commits/"
+
+
+def cluster_view(node: PiccolodNode, timeout: float = 2.0) -> dict[str, Any]:
+    """``GET /api/v1/cluster`` of ``node``."""
+    client = APIClient(node.address, token=node.token, timeout=timeout)
+    reply = client.get("/api/v1/cluster")
+    assert reply.status == 200, reply
+    return dict(reply.body)
+
+
+def replication(node: PiccolodNode, timeout: float = 2.0) -> dict[str, Any]:
+    """The ``backend.replication`` figures of ``node``'s cluster view."""
+    return dict(cluster_view(node, timeout)["backend"]["replication"])
+
+
+def set_setting(node: PiccolodNode, key: str, value: Any, timeout: float = 15.0) -> Reply:
+    return node.command("store.settings.set", {"key": key, "value": value}, timeout=timeout)
+
+
+def get_setting(node: PiccolodNode, key: str, timeout: float = 5.0) -> Any:
+    """The setting's value through ``node`` (``KeyError`` when it has none)."""
+    reply = node.command("store.settings.get", {"key": key}, timeout=timeout)
+    if reply.status == 404:
+        raise KeyError(key)
+    assert reply.status == 200, reply
+    return reply.body["result"]["value"]
+
+
+def write_until_accepted(node: PiccolodNode, key: str, value: Any, timeout: float) -> Reply:
+    """A write, retried while the leader is still catching up (503) or settling."""
+
+    def accepted() -> Reply | None:
+        reply = set_setting(node, key, value)
+        if reply.status == 200:
+            return reply
+        assert reply.status in (409, 503), reply
+        return None
+
+    return wait_for(accepted, timeout, f"{node.name} accepts writes", interval=0.1)
+
+
+def form_cluster(nodes: Sequence[PiccolodNode], password: str = ADMIN_PASSWORD) -> str:
+    """
+    Set up storage on the ``control-plane`` leader, then join every other
+    node with ``POST /api/v1/cluster/join``; returns the leader's name once
+    every node is unlocked and synced with the commit log.
+    """
+    by_name = {n.name: n for n in nodes}
+    name, _ = one_leader(nodes)
+    leader = by_name[name]
+    reply = leader.api.post("/api/v1/auth/setup", {"password": password})
+    assert reply.status == 201, reply
+    for node in nodes:
+        if node is leader:
+            continue
+
+        def joined(node: PiccolodNode = node) -> Reply | None:
+            reply = APIClient(node.address, timeout=30.0).post(
+                "/api/v1/cluster/join", {"password": password}
+            )
+            if reply.status == 404:  # the leader has not published the keyset yet
+                return None
+            assert reply.status == 200, reply
+            return reply
+
+        reply = wait_for(joined, 30.0, f"{node.name} joins", interval=0.2)
+        assert reply.body["state"] == "unlocked", reply
+    wait_for(
+        lambda: True if all(replication(n)["lag"] == 0 for n in nodes) else None,
+        30.0,
+        "every node synced",
+        interval=0.1,
+    )
+    return name
+
+
+def commit_log(etcd: EtcdCluster) -> list[dict[str, Any]]:
+    """The commit entries in etcd, in key order: ``{revision, term, kind}``."""
+    out = []
+    for kv in etcd.get_prefix(COMMITS_PREFIX):
+        entry = json.loads(kv["value"])
+        out.append(
+            {
+                "revision": entry["revision"],
+                "term": entry["term"],
+                "kind": entry["kind"],
+                "mod_revision": kv["mod_revision"],
+            }
+        )
+    return out

@@ -107,6 +107,7 @@ def started_log(test: SynchronousTestCase, nodes: int = 3, snapshot_at: int = 3)
     log = Log(test, world)
     leader = world.leader()
     log.append(leader, entry(snapshot_at, "snapshot"))
+    world.advance(1.1)  # the leader's own head is announced (no store commits it here)
     return world, log, leader
 
 
@@ -386,11 +387,29 @@ class FeedTests(SynchronousTestCase):
         seen = {n.name: self._events(n) for n in world.nodes}
         results = [log.append(leader, entry(r)) for r in (4, 5)]
         world.advance(STEP)
-        expected = [(3, self._log_revision(world)[3])] + [
-            (r.revision, r.log_revision) for r in results
-        ]
+        first = (3, self._log_revision(world)[3])
+        expected = [first, *((r.revision, r.log_revision) for r in results)]
         for node in world.nodes:
-            self.assertEqual(seen[node.name], expected, node.name)
+            if node is not leader:
+                self.assertEqual(seen[node.name], expected, node.name)
+        # The leader's own heads wait for its store (here: at most own_delay).
+        self.assertEqual(seen[leader.name], [first])
+        world.advance(1.0)
+        self.assertEqual(seen[leader.name], [first, expected[-1]])
+
+    def test_the_leader_announces_its_own_head_once_its_store_has_it(self) -> None:
+        """A head this node appended is announced when its store commits that revision."""
+        world, log, leader = started_log(self)
+        seen = self._events(leader)
+        done = log.append(leader, entry(4))
+        world.advance(STEP)
+        self.assertEqual([h for h, _ in seen], [3])
+        leader.bus.publish(ControlStoreCommit(revision=4, checksum="c4"))
+        leader.clock.advance(0)
+        leader.clock.advance(0)
+        self.assertEqual(seen[-1], (4, done.log_revision))
+        world.advance(1.5)
+        self.assertEqual([h for h, _ in seen], [3, 4])  # once
 
     def _log_revision(self, world: World) -> dict[int, int]:
         snap = world.etcd.get(PREFIX + SNAPSHOT.encode())
