@@ -1383,14 +1383,15 @@ class RegisterAllTests(SynchronousTestCase):
 # --------------------------------------------------------------------------
 # The same gate, timeout, retry and idempotency tests on the generic chain
 #
-# With the four built-in middleware in the lock, leader, timeout and retry
-# slots the dispatcher composes them into one fused step; any other filling
-# of those slots is composed one closure per slot.  Both must behave alike.
+# Adjacent slots holding the built-in lock, leader, timeout and retry
+# middleware are composed into one step; a middleware of another type in one
+# of those slots (here a LockGate subclass) splits the run, and the gates then
+# compose as separate steps.  Both must behave alike.
 
 
 @attrs.frozen(eq=False)
 class PlainLockGate(LockGate):
-    """A ``LockGate`` the dispatcher does not recognise as built-in (no fusion)."""
+    """A ``LockGate`` the dispatcher does not recognise as built-in: it composes on its own."""
 
 
 class Unfused:
