@@ -209,8 +209,9 @@ def test_a_sigstopped_leader_cannot_write_after_sigcont(
     acked = {"before": 1, "during": 2, "after": 4}
     acked.update({k: int(k[len("stream") :]) for k, status in outcomes.items() if status == 200})
     lost = [k for k, status in outcomes.items() if status != 200]
+    # A write in flight at SIGSTOP either landed in the log before the pause
+    # (acknowledged after SIGCONT, and then it is everywhere) or is refused.
     assert all(outcomes[k] in (0, 409, 503) for k in lost), outcomes
-    assert lost, outcomes  # at least the writes after the pause were refused
     _caught_up(nodes, acked, 30.0)
     for node in nodes:
         for key in [*lost, "late"]:
