@@ -204,6 +204,12 @@ class SessionStore:
             session.last_seen = now
         return session
 
+    def is_live(self, session: Session) -> bool:
+        """Whether ``session`` still authenticates (not ended, not expired); touches nothing."""
+        return self._sessions.get(session.key) is session and not self.expired(
+            session, self.clock.seconds()
+        )
+
     def revoke(self, session: Session) -> None:
         self._sessions.pop(session.key, None)
 
@@ -370,6 +376,12 @@ class TokenStore:
         if record.expires_at is not None and self.clock.seconds() >= record.expires_at:
             return None
         return record.role
+
+    def is_live(self, record: TokenRecord) -> bool:
+        """Whether ``record``'s token still authenticates (not revoked, not expired)."""
+        if self._tokens.get(record.id) is not record:
+            return False
+        return record.expires_at is None or self.clock.seconds() < record.expires_at
 
     def verify(self, token: str) -> TokenRecord | None:
         """The live record of ``token`` (constant-time hash comparison), else ``None``."""

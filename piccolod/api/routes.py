@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -401,6 +401,7 @@ def _auth_routes(router: Router, api: APIContext) -> None:
         if principal.session is None:
             return {"logged_out": False}
         api.sessions.revoke(principal.session)
+        api.hub.revalidate()  # its event streams end with it
         api.audit(request, "auth.logout", principal.subject, "ok")
         return JSONResponse(
             {"logged_out": True}, cookies=(api.sessions.clearing_cookie(api.secure(request)),)
@@ -493,6 +494,7 @@ def _auth_routes(router: Router, api: APIContext) -> None:
         )
         api.limiter.succeeded(address)
         revoked = api.sessions.revoke_all()
+        api.hub.revalidate()
         api.audit(request, "auth.password", principal.subject, "ok", f"{revoked} session(s) ended")
         answer: dict[str, Any] = {"state": result.to_json()["state"], "sessions_revoked": revoked}
         cookies: tuple[str, ...] = ()
@@ -528,6 +530,7 @@ def _auth_routes(router: Router, api: APIContext) -> None:
         )
         api.limiter.succeeded(address)
         revoked = api.sessions.revoke_all()
+        api.hub.revalidate()
         api.audit(request, "auth.recovery_reset", "admin", "ok", f"{revoked} session(s) ended")
         return {"state": result.to_json()["state"], "sessions_revoked": revoked}
 
@@ -654,6 +657,7 @@ def _token_routes(router: Router, api: APIContext) -> None:
     async def revoke(request: Request, token_id: str) -> Any:
         principal = require_principal(request)
         record = await api.tokens.revoke(check_token_id(token_id))
+        api.hub.revalidate()
         if api.engine.rate is not None:
             api.engine.rate.forget(f"token:{token_id}")
         api.audit(request, "tokens.revoke", principal.subject, "ok", f"token:{token_id}")
@@ -891,7 +895,15 @@ def _meta_routes(router: Router, api: APIContext) -> None:
             api.kernel.reactor.callLater(0, api.engine.audit, decision)
             return decision.allowed
 
-        stream = EventStream(api.hub, request, patterns, allowed)
+        if principal.session is not None:
+            session = principal.session
+            still_valid: Callable[[], bool] = lambda: api.sessions.is_live(session)  # noqa: E731
+        elif principal.token is not None:
+            record = principal.token
+            still_valid = lambda: api.tokens.is_live(record)  # noqa: E731
+        else:  # pragma: no cover - require_principal answers a session or a token
+            still_valid = lambda: False  # noqa: E731
+        stream = EventStream(api.hub, request, patterns, allowed, still_valid)
         stream.open(last_id or None, follow)
         return STREAMING
 

@@ -245,7 +245,22 @@ class EventHub:
     def streams(self) -> int:
         return len(self._streams)
 
+    def revalidate(self) -> int:
+        """
+        End every stream whose session or token no longer authenticates
+        (logged out, revoked, expired), with a last ``closed`` event; answer
+        how many.  The API calls it after logout, password changes and token
+        revocation; every heartbeat calls it too, which catches expiry.
+        """
+        ended = 0
+        for stream in list(self._streams):
+            if not stream.still_valid():
+                stream.end("the session or token that opened this stream has ended")
+                ended += 1
+        return ended
+
     def _heartbeat(self) -> None:
+        self.revalidate()
         for stream in list(self._streams):
             stream.write(b": ping\n\n")
 
@@ -280,12 +295,18 @@ class EventStream:
 
     @ivar allowed: ``topic -> bool``: whether this client may see a topic
         (the policy engine, decided once per topic).
+    @ivar still_valid: whether the credential that opened the stream (a
+        session, a token) still authenticates: logout, password change,
+        token revocation and expiry end the stream.
     """
 
     hub: EventHub
     request: Request
     patterns: Sequence[TopicPattern]
     allowed: Callable[[str], bool]
+    #: Whether the session or token that opened the stream still holds;
+    #: the hub ends the stream once it does not (:meth:`EventHub.revalidate`).
+    still_valid: Callable[[], bool] = lambda: True
     _subscription: ISubscription | None = attrs.field(init=False, default=None)
     _buffer: list[bytes] = attrs.field(init=False, factory=list)
     _flush_call: Any = attrs.field(init=False, default=None)
@@ -426,6 +447,16 @@ class EventStream:
 
     def _finished(self, result: Failure | None) -> None:
         self.close("the client went away")
+
+    def end(self, reason: str) -> None:
+        """Tell the client why (a ``closed`` event), then close the stream."""
+        if self.closed:
+            return
+        self._buffer = []  # nothing more for a client whose credential has ended
+        request = self.request
+        if not request.finished and not request._disconnected:  # type: ignore[attr-defined]
+            request.write(_control("closed", {"reason": reason}))
+        self.close(reason)
 
     def close(self, reason: str) -> None:
         if self.closed:

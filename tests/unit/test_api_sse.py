@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from piccolod.api.sse import EventStream
 from piccolod.events import DeviceEvent, JobProgress
 
-from .api_support import APIHarness
+from .api_support import PASSWORD, APIHarness
 
 
 def parse(data: bytes) -> list[dict[str, Any]]:
@@ -39,10 +39,16 @@ def parse(data: bytes) -> list[dict[str, Any]]:
 class Stream:
     """One open SSE response and what arrived on it."""
 
-    def __init__(self, test: SSETests, path: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        test: SSETests,
+        path: str,
+        headers: dict[str, str] | None = None,
+        bearer: bool = True,
+    ) -> None:
         self.test = test
         self.received = bytearray()
-        sent = {b"authorization": [f"Bearer {test.token}".encode()]}
+        sent = {b"authorization": [f"Bearer {test.token}".encode()]} if bearer else {}
         for k, v in (headers or {}).items():
             sent[k.lower().encode()] = [v.encode()]
         before = set(test.stub._agent._pumps)  # type: ignore[attr-defined]
@@ -230,6 +236,70 @@ class SSETests(SynchronousTestCase):
         comments = [f for f in stream.frames() if "comment" in f]
         self.assertEqual(len(comments), 2)
         stream.close()
+
+    def assert_ended(self, stream: Stream, jobs: list[str]) -> None:
+        """The stream got exactly ``jobs``, then one ``closed`` event, and is over."""
+        frames = stream.frames()
+        closed = [f for f in frames if f.get("event") == "closed"]
+        self.assertEqual(len(closed), 1, frames)
+        self.assertIn("has ended", closed[0]["data"]["reason"])
+        self.assertEqual(self.job_events(stream), jobs)
+        self.successResultOf(stream.done)
+        self.assertEqual(self.h.api.hub.streams, 0)
+
+    def test_a_revoked_token_ends_its_stream(self) -> None:
+        """Revoking a token ends its open event streams at once; nothing more reaches them."""
+        admin = self.h.client()
+        admin.token = self.token
+        viewer_token, viewer_id = self.h.token(admin, "viewer")
+        self.token = viewer_token
+        stream = Stream(self, "/api/v1/events?topics=jobs.*")
+        self.publish(1)
+        self.assertEqual(self.job_events(stream), ["job-1"])
+        self.assertEqual(admin.delete(f"/api/v1/auth/tokens/{viewer_id}").code, 200)
+        self.publish(2)
+        self.assert_ended(stream, ["job-1"])
+
+    def test_logout_ends_the_sessions_streams(self) -> None:
+        """A session's event streams end when it logs out; a token's stream goes on."""
+        session = self.h.client()
+        self.assertEqual(session.post("/api/v1/auth/login", {"password": PASSWORD}).code, 200)
+        cookie = {"cookie": f"piccolod_session={session.cookie}"}
+        by_session = Stream(self, "/api/v1/events?topics=jobs.*", cookie, bearer=False)
+        by_token = Stream(self, "/api/v1/events?topics=jobs.*")
+        self.publish(1)
+        self.assertEqual(self.job_events(by_session), ["job-1"])
+        self.assertEqual(session.post("/api/v1/auth/logout").code, 200)
+        self.publish(2)
+        frames = by_session.frames()
+        self.assertEqual(
+            [f["data"]["reason"] for f in frames if f.get("event") == "closed"],
+            ["the session or token that opened this stream has ended"],
+        )
+        self.assertEqual(self.job_events(by_session), ["job-1"])
+        self.successResultOf(by_session.done)
+        self.assertEqual(self.job_events(by_token), ["job-1", "job-2"])
+        self.assertEqual(self.h.api.hub.streams, 1)
+        by_token.close()
+
+    def test_an_expired_token_ends_its_stream_at_a_heartbeat(self) -> None:
+        """A token that expires while streaming is noticed at the next heartbeat."""
+        self.h.api.hub.stop()
+        self.h.api.hub.heartbeat = 15.0
+        self.h.api.hub.start()
+        admin = self.h.client()
+        admin.token = self.token
+        created = admin.post(
+            "/api/v1/auth/tokens", {"name": "short", "role": "viewer", "expires_in": 60}
+        )
+        self.token = created.body["token"]
+        stream = Stream(self, "/api/v1/events?topics=jobs.*")
+        self.publish(1)
+        self.assertEqual(self.job_events(stream), ["job-1"])
+        self.h.clock.advance(45)  # heartbeats at 15, 30 and 45 s: still valid
+        self.assertEqual(self.h.api.hub.streams, 1)
+        self.h.clock.advance(15)  # the heartbeat at 60 s finds it expired
+        self.assert_ended(stream, ["job-1"])
 
     def test_client_limit_and_cleanup(self) -> None:
         """Past sse_max_clients a stream is 429; a closed stream frees its slot and subscription."""
