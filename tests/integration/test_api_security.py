@@ -35,6 +35,7 @@ PUBLIC = {
     ("POST", "/api/v1/auth/login"),
     ("GET", "/api/v1/auth/session"),
     ("POST", "/api/v1/auth/recovery-key/reset"),
+    ("POST", "/api/v1/cluster/join"),  # only while the node is not set up, like setup
     ("GET", "/api/v1/openapi.json"),
     ("GET", "/.well-known/acme-challenge/{token}"),  # ACME HTTP-01: public by RFC 8555
 }
