@@ -485,13 +485,18 @@ def failover_round(
 # --------------------------------------------------------------------------
 # The replicated control store (setup on the leader, join, writes, reads)
 
-#: A fast KDF for tests and benchmarks (the packaged Argon2 is Pi-sized).
+#: A fast KDF for tests and benchmarks (the packaged Argon2 is Pi-sized),
+#: and no per-token request quota (polling and benchmarks exceed 50/s).
 FAST_STORAGE = """
 [subsystems.persistence]
 argon2_time_cost = 1
 argon2_memory_kib = 1024
 unlock_backoff_initial = 0.2
 unlock_backoff_max = 2.0
+
+[subsystems.api]
+token_rate = 100000
+token_burst = 100000
 """
 ADMIN_PASSWORD = "correct horse battery"
 COMMITS_PREFIX = f"{PREFIX}/data/control/commits/"
