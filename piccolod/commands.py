@@ -1086,6 +1086,32 @@ class ClusterValue(Result):
 COMMIT_KINDS = ("commit", "snapshot")
 
 
+def _int_between(
+    minimum: int, maximum: int | None = None
+) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """attrs validator: an int (not a bool) from ``minimum`` to ``maximum``."""
+
+    def _validate(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < minimum
+            or (maximum is not None and value > maximum)
+        ):
+            upper = "" if maximum is None else f" and at most {maximum}"
+            raise InvalidCommand(
+                f"{attribute.name} must be an integer of at least {minimum}{upper}"
+            )
+
+    return _validate
+
+
+def _text(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """attrs validator: a string."""
+    if not isinstance(value, str):
+        raise InvalidCommand(f"{attribute.name} must be a string")
+
+
 @attrs.frozen
 class SealedCommit:
     """
@@ -1099,11 +1125,11 @@ class SealedCommit:
         entry's contents; only nodes holding the data key can open it.
     """
 
-    kind: str = attrs.field(validator=attrs.validators.in_(COMMIT_KINDS))
-    revision: int = attrs.field(validator=attrs.validators.ge(0))
-    previous: str
-    checksum: str
-    sealed: str
+    kind: str = attrs.field(validator=one_of(*COMMIT_KINDS))
+    revision: int = attrs.field(validator=_int_between(0))
+    previous: str = attrs.field(validator=_text)
+    checksum: str = attrs.field(validator=_text)
+    sealed: str = attrs.field(validator=_text)
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -1154,10 +1180,8 @@ class ReadCommits(Command):
     name: ClassVar[str] = "cluster.read_commits"
     audit: ClassVar[bool] = False
     timeout: ClassVar[float | None] = 30.0
-    after: int = attrs.field(default=0, validator=attrs.validators.ge(0))
-    limit: int = attrs.field(
-        default=1000, validator=[attrs.validators.ge(1), attrs.validators.le(10_000)]
-    )
+    after: int = attrs.field(default=0, validator=_int_between(0))
+    limit: int = attrs.field(default=1000, validator=_int_between(1, 10_000))
 
     def resource(self) -> str:
         return "cluster:control/commits"

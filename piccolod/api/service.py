@@ -527,7 +527,7 @@ class APIService(Service):  # type: ignore[misc]
         from .remote import remote_routes
 
         app_routes(router, kernel)
-        cluster_routes(router, kernel)
+        cluster_routes(router, kernel, api)
         remote_routes(router, kernel)
         if config["portal"]:
             from .portal import portal_routes

@@ -185,6 +185,13 @@ _CREDENTIALS = (
     "persistence.import",
 )
 
+#: The replicated control store's own plumbing: only subsystems send these
+#: (a forged or garbled log entry would stall every follower), never a person.
+_SYSTEM_ONLY = (
+    "cluster.replicate_commit",
+    "persistence.apply_commits",
+)
+
 #: Read-only actions (command names and API actions).
 _READS = (
     "*.read",
@@ -197,16 +204,16 @@ _READS = (
 )
 
 DEFAULT_ROLES: Mapping[str, RoleSpec] = {
-    "admin": RoleSpec.build("admin", allow=["*"]),
+    "admin": RoleSpec.build("admin", allow=["*"], deny=list(_SYSTEM_ONLY)),
     "operator": RoleSpec.build(
         "operator",
         allow=["*"],
-        deny=[*_CREDENTIALS, "events.read@topic:audit"],
+        deny=[*_CREDENTIALS, *_SYSTEM_ONLY, "events.read@topic:audit"],
     ),
     "viewer": RoleSpec.build(
         "viewer",
         allow=list(_READS),
-        deny=["tokens.*", "events.read@topic:audit"],
+        deny=["tokens.*", *_SYSTEM_ONLY, "events.read@topic:audit"],
     ),
     "system": RoleSpec.build("system", allow=["*"]),
 }

@@ -89,7 +89,7 @@ class EngineTests(SynchronousTestCase):
         return self.engine.decide(subject, action, resource).allowed
 
     def test_default_roles(self) -> None:
-        """admin and system may do anything; operator not credentials; viewer only reads."""
+        """admin and system may do (almost) anything; operator not credentials; viewer only reads."""
         self.assertTrue(self.decided("admin", "persistence.change_password"))
         self.assertTrue(self.decided("system:apps", "store.apps.put"))
         self.assertTrue(self.decided("token:o", "persistence.lock"))
@@ -102,6 +102,14 @@ class EngineTests(SynchronousTestCase):
         self.assertFalse(self.decided("token:v", "events.read", "topic:audit"))
         self.assertFalse(self.decided("token:v", "persistence.lock"))
         self.assertFalse(self.decided("token:v", "tokens.read"))
+
+    def test_replication_plumbing_is_for_subsystems_only(self) -> None:
+        """No person, admin included, may append to or apply the replicated commit log."""
+        for action in ("cluster.replicate_commit", "persistence.apply_commits"):
+            for subject in ("admin", "token:o", "token:v"):
+                self.assertFalse(self.decided(subject, action), (subject, action))
+            self.assertTrue(self.decided("system:persistence", action))
+        self.assertTrue(self.decided("admin", "cluster.read_commits"))
 
     def test_unknown_subjects_are_denied(self) -> None:
         """A subject without a role, or with an undefined one, is denied everything."""
