@@ -70,7 +70,7 @@ from piccolod.commands import (
     SealedCommit,
 )
 from piccolod.errors import CommitConflict, Conflict, PiccolodError, Unavailable
-from piccolod.events import CommitLogAdvanced, LeadershipRoleChanged
+from piccolod.events import CommitLogAdvanced, ControlStoreCommit, LeadershipRoleChanged
 from piccolod.interfaces import ICommandDispatcher, IEventBus, ILeadershipRegistry, ISubscription
 from piccolod.persistence.keyset import DataKey
 
@@ -241,6 +241,7 @@ class SyncStatus:
     @ivar log_head: the last head the log announced or answered (``None``:
         unknown or empty).
     @ivar lag: ``log_head - revision`` (0 when unknown or ahead).
+    @ivar compactions: snapshots this node appended to compact the log.
     """
 
     state: str
@@ -250,6 +251,7 @@ class SyncStatus:
     lag: int
     runs: int
     last_error: str | None
+    compactions: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -270,6 +272,10 @@ class SyncDriver:
     @ivar after_leader_sync: called after every successful run while this
         node leads ``control-plane`` (the service publishes the keyset);
         its failures are logged, not retried.
+    @ivar snapshot_every: while leading, append a snapshot of the store
+        after every commit whose revision is a multiple of this (0: never),
+        so that the log (which drops the commits a snapshot covers) stays
+        bounded and a joiner replays at most this many commits.
     """
 
     log = Logger()
@@ -283,6 +289,9 @@ class SyncDriver:
     backoff_max: float = 30.0
     recheck_interval: float = 1.0
     after_leader_sync: Callable[[], Deferred[Any]] | None = None
+    snapshot_every: int = 1000
+    _compacting: Deferred[None] | None = attrs.field(init=False, default=None)
+    _compactions: int = attrs.field(init=False, default=0)
     _names_checked: float | None = attrs.field(init=False, default=None)
     _replicating: bool = attrs.field(init=False, default=False)
     _reading: bool = attrs.field(init=False, default=False)
@@ -366,6 +375,14 @@ class SyncDriver:
                 name="persistence.sync.commit_log",
             )
         )
+        self._subscriptions.append(
+            self.bus.subscribe(
+                ControlStoreCommit.topic,
+                self._committed,
+                filter=self._compaction_due,
+                name="persistence.sync.compaction",
+            )
+        )
 
     def stop(self) -> None:
         """Stop following events and cancel a timed retry (a run in flight ends by itself)."""
@@ -408,6 +425,42 @@ class SyncDriver:
             self._synced = False
             self.kick(f"log head {event.head}")
 
+    def _compaction_due(self, envelope: Any) -> bool:
+        every = self.snapshot_every
+        revision = getattr(envelope.event, "revision", 0)
+        return every > 0 and revision > 0 and revision % every == 0
+
+    def _committed(self, envelope: Any) -> None:
+        """Every ``snapshot_every`` revisions the leader compacts the log."""
+        if (
+            self._compacting is None
+            and self._synced
+            and self.store.is_open
+            and self._leads()
+            and self.active()
+        ):
+            self._compacting = Deferred.fromCoroutine(self._compact(envelope.event.revision))
+            self._compacting.addBoth(self._compacted)
+
+    async def _compact(self, revision: int) -> None:
+        entry = await self.store.snapshot_entry()
+        await self.replicate(entry)
+        self._compactions += 1
+        self.log.info(
+            "persistence: compacted the cluster log into a snapshot of revision {revision}",
+            revision=entry.revision,
+        )
+
+    def _compacted(self, result: object) -> None:
+        self._compacting = None
+        if isinstance(result, Failure):
+            # A write that landed in between (CommitConflict), a lost term or an
+            # unreachable log: the next multiple of snapshot_every tries again.
+            self.log.info(
+                "persistence: the cluster log was not compacted this time: {error}",
+                error=_describe(result.value),
+            )
+
     # -- status
 
     def status(self) -> SyncStatus:
@@ -434,6 +487,7 @@ class SyncDriver:
             lag=lag,
             runs=self._runs,
             last_error=self._last_error,
+            compactions=self._compactions,
         )
 
     @property

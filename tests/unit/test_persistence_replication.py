@@ -96,6 +96,7 @@ class FakeCluster:
         self.etcd_revision = 0
         self.reads: list[int] = []
         self.conflicts = 0
+        self.refuse_snapshots = 0
 
     def head(self) -> int | None:
         return self.log[-1].revision if self.log else None
@@ -139,7 +140,15 @@ class FakeCluster:
                 raise CommitConflict(f"the log's head is {head}", head=head)
             self.log.append(entry)
         else:
-            if head is not None and head >= entry.revision:
+            if self.refuse_snapshots:
+                self.refuse_snapshots -= 1
+                raise CommitConflict("a write landed first", head=head)
+            # Like the etcd variant: a snapshot restarts an empty or older log,
+            # or compacts one whose head it is (same revision, same checksum).
+            if head is not None and (
+                head > entry.revision
+                or (head == entry.revision and self.log[-1].checksum != entry.checksum)
+            ):
                 raise CommitConflict(f"the log's head is {head}", head=head)
             self.log = [entry]
         self.etcd_revision += 1
@@ -717,6 +726,47 @@ class SnapshotTests(ReplicationCase):
         a.lead(True)
         a.settle()
         self.assertEqual([e.kind for e in self.cluster.log], kinds)
+
+    def test_the_leader_compacts_the_log_every_n_revisions(self) -> None:
+        """
+        Every snapshot_every revisions the leader appends a snapshot of its head, the log
+        drops the commits it covers, and a joiner starts from it with the same data.
+        """
+        a = self.leader()
+        assert a.service.sync is not None
+        a.service.sync.snapshot_every = 5
+        while a.service.info().revision < 12:
+            a.result(a.service.settings.set("counter", a.service.info().revision))
+            a.settle()
+        log = self.cluster.log
+        self.assertEqual(log[0].kind, "snapshot")
+        self.assertEqual(log[0].revision, 10)
+        self.assertEqual([e.revision for e in log[1:]], [11, 12])
+        self.assertTrue(all(e.kind == "commit" for e in log[1:]))
+        self.assertEqual(a.service.sync.status().compactions, 2)  # at 5 and at 10
+        b = self.joined()
+        self.assertSame(a, b)
+        self.assertNotIn(1, self.cluster.reads[1:])  # nobody replays the compacted history
+
+    def test_a_refused_compaction_waits_for_the_next_multiple(self) -> None:
+        """
+        A snapshot the log refuses (a write landed first, a lost term) fails nothing: the
+        writes go on, and the next multiple of snapshot_every compacts.
+        """
+        a = self.leader()
+        assert a.service.sync is not None
+        a.service.sync.snapshot_every = 5
+        self.cluster.refuse_snapshots = 1
+        while a.service.info().revision < 11:
+            a.result(a.service.settings.set("n", a.service.info().revision))
+            a.settle()
+        self.assertEqual(self.cluster.refuse_snapshots, 0)  # the one at 5 was refused
+        self.assertEqual(self.cluster.log[0].kind, "snapshot")
+        self.assertEqual(self.cluster.log[0].revision, 10)
+        status = a.service.sync.status()
+        self.assertEqual((status.compactions, status.synced, status.last_error), (1, True, None))
+        b = self.joined()
+        self.assertSame(a, b)
 
 
 CLUSTER_KEY = "control/keyset"
