@@ -401,6 +401,30 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval:
     return poll(check, timeout=timeout, interval=interval, what=what)
 
 
+def renewals(node: PiccolodNode, resource: str = "control-plane") -> int:
+    """How many keepalives of its ``resource`` lease ``node`` has had confirmed."""
+    reply = APIClient(node.address, token=node.token, timeout=2.0).get("/api/v1/cluster")
+    assert reply.status == 200, reply
+    for state in reply.body["resources"]:
+        if state["resource"] == resource:
+            return int(state["renewals"])
+    return 0
+
+
+def wait_renewals(node: PiccolodNode, more: int, timeout: float) -> None:
+    """
+    Wait until ``node`` has had ``more`` further keepalives confirmed: time measured
+    by the cluster itself (``more`` retry periods at least), not by a sleep.  Used to
+    keep a SIGSTOPped old leader stopped well past its lease.
+    """
+    start = renewals(node)
+    wait_for(
+        lambda: True if renewals(node) >= start + more else None,
+        timeout,
+        f"{more} more confirmed keepalives on {node.name}",
+    )
+
+
 def start_nodes(
     root: Path, endpoints: Sequence[str], count: int = 3, extra: str = ""
 ) -> list[PiccolodNode]:

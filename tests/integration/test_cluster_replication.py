@@ -45,6 +45,7 @@ from tests.integration.etcd_cluster import (
     set_setting,
     start_nodes,
     wait_for,
+    wait_renewals,
     write_until_accepted,
 )
 from tests.integration.support import REQUIRE
@@ -197,7 +198,7 @@ def test_a_sigstopped_leader_cannot_write_after_sigcont(
 
     new = by_name[wait_for(taken_over, TTL + 5.0, "another leader")]
     write_until_accepted(new, "during", 2, timeout=10.0)
-    time.sleep(0.5)  # the old leader stays stopped well past its TTL
+    wait_renewals(new, 2, 10.0)  # the old leader stays stopped well past its lease
     old.resume()
     refused = set_setting(old, "late", 3)
     assert refused.status in (409, 503), refused

@@ -38,6 +38,7 @@ from tests.integration.etcd_cluster import (
     roles,
     start_nodes,
     wait_for,
+    wait_renewals,
 )
 from tests.integration.support import REQUIRE
 
@@ -121,7 +122,7 @@ def test_sigstopped_leader_is_replaced_and_never_leads_again(
     new_name, new_term = wait_for(taken_over, TTL + 5.0, "another leader")
     new = by_name[new_name]
     assert write(new, 1).status == 200
-    time.sleep(0.5)  # the old leader stays stopped well past its TTL
+    wait_renewals(new, 2, 10.0)  # the old leader stays stopped well past its lease
     old.resume()
     # Its first write after SIGCONT is refused (409 not-leader: the deadline
     # has passed, and etcd's fence would refuse it anyway).
