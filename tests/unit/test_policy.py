@@ -89,7 +89,7 @@ class EngineTests(SynchronousTestCase):
         return self.engine.decide(subject, action, resource).allowed
 
     def test_default_roles(self) -> None:
-        """admin and system may do (almost) anything; operator not credentials; viewer only reads."""
+        """admin and system may do nearly anything; operator not credentials; viewer only reads."""
         self.assertTrue(self.decided("admin", "persistence.change_password"))
         self.assertTrue(self.decided("system:apps", "store.apps.put"))
         self.assertTrue(self.decided("token:o", "persistence.lock"))
