@@ -140,7 +140,7 @@ from piccolod.errors import (
     StaleTerm,
     Unavailable,
 )
-from piccolod.events import ControlStoreCommit, HealthLevel, Role
+from piccolod.events import ControlStoreCommit, HealthLevel, LockState, LockStateChanged, Role
 from piccolod.interfaces import (
     Backoff,
     ICommandDispatcher,
@@ -496,9 +496,47 @@ class ResourceElection:
                 self._attempt += 1
                 await self._sleep(delay)
 
+    def _may_lead(self) -> bool:
+        owner = self.owner
+        return owner.may_campaign() or (self.role is Role.LEADER and owner.may_keep())
+
+    def eligibility_changed(self) -> None:
+        """The owner's storage locked, unlocked or ran out of grace: a new round now."""
+        if self.role is Role.LEADER and not self._may_lead():
+            self._step_down("this node's storage is locked")
+        self._poke("eligibility changed")
+
+    async def _observe(self, lease: _Lease) -> None:
+        """A round that does not campaign: read the key, follow its holder, watch."""
+        sent = self.clock.seconds()
+        found = await self.client.range(self.key)
+        if self._stopping or self.lease is not lease:
+            return
+        self.contact_at = max(self.contact_at, sent)
+        self._attempt = 0
+        self.last_error = None
+        holder = found.kvs[0] if found.kvs else None
+        self.holder = holder
+        if holder is not None and (
+            holder.lease == lease.id or _holder_node(holder) == self.owner.node_id
+        ):
+            # This node's own key (it led until its storage locked, or an
+            # earlier incarnation's): hand the leadership on at once.
+            self._step_down("this node's storage is locked")
+            await self.client.delete_if_created_at(self.key, holder.create_revision)
+            return
+        if holder is None:
+            self._set_unknown("no leader; this node's storage is locked, so it does not campaign")
+        else:
+            self._follow(holder)
+        await self._watch_until_change(found.revision)
+
     async def _round(self) -> None:
         self.rounds += 1
         lease = await self._ensure_lease()
+        if not self._may_lead():
+            await self._observe(lease)
+            return
         sent = self.clock.seconds()
         campaign = await self.client.create_if_absent(self.key, self.owner.value, lease.id)
         if self._stopping or self.lease is not lease:
@@ -509,6 +547,8 @@ class ResourceElection:
         holder = campaign.holder
         self.holder = holder
         if holder.lease == lease.id:
+            if not self._may_lead():
+                return  # its storage locked meanwhile: the next round hands the key on
             if not self.fresh():
                 # The key is ours but no renewal is confirmed recently
                 # enough (a pause, a slow etcd): confirm one first.
@@ -1023,6 +1063,13 @@ class EtcdConsensus(Service):
     lag: ReplicationLag = attrs.field(init=False, factory=ReplicationLag)
     feed: CommitFeed = attrs.field(init=False)
     _commits: ISubscription | None = attrs.field(init=False, default=None)
+    _lock_state: ISubscription | None = attrs.field(init=False, default=None)
+    #: How long a leader whose storage locked keeps its leadership before it
+    #: hands it on (unlocking, and setting up, pass through ``locked``).
+    lock_grace: float = attrs.field(default=30.0, kw_only=True)
+    #: When this node's storage locked (``None``: it is not locked).
+    locked_since: float | None = attrs.field(init=False, default=None)
+    _grace_timer: Any = attrs.field(init=False, default=None)
 
     @feed.default
     def _feed(self) -> CommitFeed:
@@ -1541,6 +1588,12 @@ class EtcdConsensus(Service):
             self._commits = self.bus.subscribe(
                 ControlStoreCommit.topic, self._store_committed, name="consensus.lag"
             )
+            current = self.bus.last(LockStateChanged.topic)  # before the first round
+            if current is not None:
+                self._lock_state_changed(current)
+            self._lock_state = self.bus.subscribe(
+                LockStateChanged.topic, self._lock_state_changed, name="consensus.lock_state"
+            )
         self.feed.start()
         if self.health is not None:
             self.health.report(COMPONENT, HealthLevel.WARN, "connecting to etcd")
@@ -1573,6 +1626,12 @@ class EtcdConsensus(Service):
         if self._commits is not None:
             commits, self._commits = self._commits, None
             commits.cancel()
+        if self._lock_state is not None:
+            lock_state, self._lock_state = self._lock_state, None
+            lock_state.cancel()
+        timer, self._grace_timer = self._grace_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         for watch in list(self._prefix_watches):
             watch.cancel()
         stops = [
@@ -1585,6 +1644,56 @@ class EtcdConsensus(Service):
         if self.health is not None:
             self.health.remove(COMPONENT)
         self.log.info("etcd consensus: {node_id} stepped down", node_id=self.node_id)
+
+    def may_campaign(self) -> bool:
+        """
+        Whether this node campaigns for leadership.  Not while its storage is
+        locked (or unlocking): a leader that cannot open its control store
+        could take no write and run no stateful app, so a locked node follows
+        and leaves leadership to an unlocked one.  An uninitialised node does
+        campaign (a new cluster is set up on its first leader).
+        """
+        return self.locked_since is None
+
+    def may_keep(self) -> bool:
+        """
+        Whether a leader keeps its leadership: while its storage is not
+        locked, or has been locked for less than ``lock_grace`` seconds
+        (setup and unlock pass through ``locked``; an operator's lock hands
+        leadership on once the grace has passed).
+        """
+        since = self.locked_since
+        return since is None or self.clock.seconds() - since < self.lock_grace
+
+    def _lock_state_changed(self, envelope: Any) -> None:
+        event = envelope.event
+        if not isinstance(event, LockStateChanged):
+            return
+        locked = event.state in (LockState.LOCKED, LockState.PREUNLOCK)
+        if locked == (self.locked_since is not None):
+            return
+        timer, self._grace_timer = self._grace_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if locked:
+            self.locked_since = self.clock.seconds()
+            self._grace_timer = self.clock.callLater(self.lock_grace, self._grace_over)
+        else:
+            self.locked_since = None
+        self.log.info(
+            "etcd consensus: storage {state}: this node {does} campaign",
+            state=event.state.value,
+            does="does not" if locked else "may",
+        )
+        self._eligibility_changed()
+
+    def _grace_over(self) -> None:
+        self._grace_timer = None
+        self._eligibility_changed()
+
+    def _eligibility_changed(self) -> None:
+        for election in self._elections.values():
+            election.eligibility_changed()
 
     def _unregister(self) -> None:
         if self._registration is not None:

@@ -44,7 +44,7 @@ from piccolod.errors import (
     Unavailable,
     UnknownCommand,
 )
-from piccolod.events import HealthLevel, LeadershipRoleChanged, Role
+from piccolod.events import HealthLevel, LeadershipRoleChanged, LockState, LockStateChanged, Role
 from piccolod.interfaces import IConsensus
 from piccolod.kernel import plugins
 from piccolod.kernel.bus import MemoryEventBus
@@ -542,6 +542,76 @@ class ElectionTests(SynchronousTestCase):
         election = node.consensus.election(CONTROL_PLANE)
         assert election is not None
         self.assertIn("term", election.last_error or "")
+
+
+class LockedStorageTests(SynchronousTestCase):
+    """A node whose storage is locked follows but never campaigns."""
+
+    def lock(self, node: Node, state: LockState = LockState.LOCKED) -> None:
+        node.bus.publish(LockStateChanged(state, LockState.UNLOCKED), "persistence")
+        node.clock.advance(0)
+        node.world.etcd.pump()
+
+    def test_a_leader_whose_storage_locks_hands_leadership_on(self) -> None:
+        """A leader locked for lock_grace seconds steps down and another node leads."""
+        world = settled_world(self)
+        leader = world.leader()
+        leader.consensus.lock_grace = 1.0
+        term = leader.state().term
+        self.lock(leader)
+        world.advance(0.9)
+        self.assertIs(world.leader(), leader)  # still within its grace
+        world.advance(0.1 + STEP)
+        self.assertIsNot(leader.role(), Role.LEADER)
+        world.until(
+            lambda: len(world.leaders()) == 1 and world.leader() is not leader, 1.0, "another"
+        )
+        new = world.leader()
+        self.assertGreater(new.state().term, term)
+        world.until(lambda: leader.role() is Role.FOLLOWER, 1.0, "the locked node following")
+        self.assertEqual(leader.state().leader_id, new.name)
+        world.advance(3.0)  # it stays a follower: it does not campaign again
+        self.assertIs(world.leader(), new)
+
+    def test_a_leader_passing_through_locked_keeps_leading(self) -> None:
+        """Setup and unlock pass through locked and preunlock: a quick pass keeps the term."""
+        world = settled_world(self)
+        leader = world.leader()
+        term = leader.state().term
+        self.lock(leader, LockState.LOCKED)
+        world.advance(0.5)
+        self.lock(leader, LockState.PREUNLOCK)
+        world.advance(0.5)
+        self.lock(leader, LockState.UNLOCKED)
+        world.advance(40.0)  # past the grace: nothing was pending
+        self.assertIs(world.leader(), leader)
+        self.assertEqual(leader.state().term, term)
+
+    def test_a_locked_node_does_not_take_over_when_the_leader_dies(self) -> None:
+        """With the leader dead, a locked node stays without leadership until it unlocks."""
+        world = settled_world(self, nodes=2)
+        leader = world.leader()
+        (other,) = [n for n in world.nodes if n is not leader]
+        self.lock(other)
+        world.crash(leader)
+        world.advance(5.0)  # well past the dead leader's lease
+        self.assertEqual(world.leaders(), [])
+        self.assertIsNone(world.key())
+        self.assertIs(other.role(), Role.UNKNOWN)
+        self.lock(other, LockState.UNLOCKED)
+        world.until(lambda: world.leaders() == [other], 1.0, "the unlocked node leading")
+
+    def test_unlocking_is_not_locking(self) -> None:
+        """Preunlock counts as locked; uninitialised and unlocked nodes campaign."""
+        world = World(1)
+        self.addCleanup(world.stop_all)
+        (node,) = world.nodes
+        self.lock(node, LockState.PREUNLOCK)
+        world.start()
+        world.advance(2.0)
+        self.assertEqual(world.leaders(), [])
+        self.lock(node, LockState.UNINITIALIZED)
+        world.until(lambda: world.leaders() == [node], 1.0, "the node leading")
 
 
 class TrackReleaseTests(SynchronousTestCase):
