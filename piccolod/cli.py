@@ -530,10 +530,7 @@ async def _command(
     if command in ("setup", "login"):
         secret = read_password(sub, env, prompt, confirm=command == "setup")
         route = "/api/v1/auth/setup" if command == "setup" else "/api/v1/auth/login"
-        _, body, response = await client.request("POST", route, {"password": secret})
-        cookie = _cookie_of(response)
-        if cookie:
-            save_session(path, client.base, cookie, body.get("csrf_token", ""))
+        body = await _password_post(client, path, route, secret)
         if command == "setup":
             text = (
                 "Set up and logged in. Write down the recovery key; it is shown once:\n\n  "
@@ -559,12 +556,7 @@ async def _command(
         secret = read_password(sub, env, prompt)
         if client.token is None and client.session is None:
             # No credentials: a login unlocks (and leaves a session behind).
-            _, body, response = await client.request(
-                "POST", "/api/v1/auth/login", {"password": secret}
-            )
-            cookie = _cookie_of(response)
-            if cookie:
-                save_session(path, client.base, cookie, body.get("csrf_token", ""))
+            body = await _password_post(client, path, "/api/v1/auth/login", secret)
             return f"storage {body.get('state')} (logged in)", body
         _, body, _ = await client.request("POST", "/api/v1/storage/unlock", {"password": secret})
         return f"storage {body['state']}", body
@@ -597,17 +589,21 @@ async def _command(
     return await _kernel_view(reactor, command, sub, client, out)
 
 
+async def _password_post(client: Client, path: Path, route: str, secret: str) -> Any:
+    """POST ``{"password": secret}`` to ``route``; keep the session it starts, if any."""
+    _, body, response = await client.request("POST", route, {"password": secret})
+    cookie = _cookie_of(response)
+    if cookie:
+        save_session(path, client.base, cookie, body.get("csrf_token", ""))
+    return body
+
+
 async def _cluster(
     client: Client, sub: Any, env: dict[str, str], prompt: Callable[[str], str], path: Path
 ) -> tuple[str, Any]:
     if sub.subCommand == "join":
         secret = read_password(sub.subOptions, env, prompt)
-        _, body, response = await client.request(
-            "POST", "/api/v1/cluster/join", {"password": secret}
-        )
-        cookie = _cookie_of(response)
-        if cookie:
-            save_session(path, client.base, cookie, body.get("csrf_token", ""))
+        body = await _password_post(client, path, "/api/v1/cluster/join", secret)
         return f"joined the cluster; storage {body.get('state')}", body
     _, body, _ = await client.request("GET", "/api/v1/cluster")
     return format_cluster(body), body

@@ -47,6 +47,7 @@ from piccolod.kernel.runtime import Kernel
 
 from .auth import client_address
 from .http import JSONResponse, Router
+from .routes import STATUS
 
 if TYPE_CHECKING:
     from .routes import APIContext
@@ -126,17 +127,12 @@ JOIN_BODY: Mapping[str, Any] = {
     "additionalProperties": False,
 }
 
+#: The storage status (as ``/api/v1/storage/status``) and, when the join
+#: logged the caller in, the new session's CSRF token and subject.
 JOIN_SCHEMA: Mapping[str, Any] = {
-    "type": "object",
-    "required": ["state", "initialized"],
+    **STATUS,
     "properties": {
-        "state": {"type": "string"},
-        "initialized": {"type": "boolean"},
-        "retry_after": {"type": "number"},
-        "failed_attempts": {"type": "integer"},
-        "recovery_key": {"type": "boolean"},
-        "store": {"type": ["object", "null"]},
-        "error": {"type": ["string", "null"]},
+        **STATUS["properties"],
         "csrf_token": {"type": "string", "description": "The new session's (when logged in)"},
         "subject": {"type": "string"},
     },
