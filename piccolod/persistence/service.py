@@ -166,6 +166,7 @@ from piccolod.persistence.keyset import DataKey, KdfParams, Keyset, KeysetFile
 from piccolod.persistence.replication import CONTEXT, Diverged, SyncDriver, log_key
 from piccolod.persistence.store import CONTROL_PLANE, CheckResult, ControlStore, store_key
 from piccolod.persistence.volume_keys import VolumeKeys, check_volume_id
+from piccolod.persistence.volumes import VolumeBusy
 
 __all__ = [
     "PREUNLOCK_STEPS",
@@ -402,6 +403,15 @@ class PersistenceService(Service):
     _maintenance: list[Any] = attrs.field(init=False, factory=list)
     _registration: Registration | None = attrs.field(init=False, default=None)
     sync: SyncDriver | None = attrs.field(init=False, default=None)
+    #: A lock that found a volume busy (an app still holds files in it) keeps
+    #: detaching it every ``busy_retry_interval`` seconds while locked: the
+    #: ``locked`` event makes the apps stop and let go.  After
+    #: ``busy_retry_for`` seconds the health turns from warn to error.
+    busy_retry_interval: float = attrs.field(default=0.5, kw_only=True)
+    busy_retry_for: float = attrs.field(default=60.0, kw_only=True)
+    _busy_since: float | None = attrs.field(init=False, default=None)
+    _busy_detail: str = attrs.field(init=False, default="")
+    _busy_call: Any = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         problems = self.config.problems()
@@ -657,6 +667,7 @@ class PersistenceService(Service):
 
     async def _stop(self) -> None:
         self._unregister()
+        self._cancel_detach()
         if self.sync is not None:
             self.sync.stop()
         try:
@@ -1088,6 +1099,7 @@ class PersistenceService(Service):
         if (password is None) == (recovery_key is None):
             raise InvalidCommand("give exactly one of password or recovery_key")
         self._require("unlock")
+        self._clear_busy()  # the unlock's sweep owns the volumes from here
         self._limiter.check()
         keyset = await self._load_keyset()
         adopted = await self._adopt_cluster_keyset(keyset, password, recovery_key)
@@ -1411,11 +1423,65 @@ class PersistenceService(Service):
         if self.volumes is not None:
             try:
                 await self.volumes.detach_all(reason)
+            except VolumeBusy as e:
+                # Apps still hold files there: they stop once ``locked`` is
+                # published (right after this), and a retry detaches then.
+                self.log.warn(
+                    "persistence: {error}; detaching again while their users stop",
+                    error=str(e),
+                )
+                self._busy_since = self.reactor.seconds()
+                self._busy_detail = str(e)
+                self._schedule_detach()
             except Exception as e:
                 self.log.failure("persistence: detaching volumes while locking")
-                if self.health is not None:
-                    self.health.report(HEALTH, HealthLevel.ERROR, f"volumes left attached: {e}")
+                self._busy_since = self.reactor.seconds()
+                self._busy_detail = f"volumes left attached: {e}"
+                self._schedule_detach()
         self._wipe()
+
+    # -- volumes still attached after a lock ---------------------------------------------
+
+    def _schedule_detach(self) -> None:
+        self._cancel_detach()
+        self._busy_call = self.reactor.callLater(self.busy_retry_interval, self._detach_again)
+
+    def _cancel_detach(self) -> None:
+        call, self._busy_call = self._busy_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _clear_busy(self) -> None:
+        self._cancel_detach()
+        self._busy_since = None
+        self._busy_detail = ""
+
+    def _detach_again(self) -> None:
+        self._busy_call = None
+        self._serial(self._detach_still_attached).addErrback(
+            lambda f: self.log.failure("persistence: detaching volumes after the lock", f)
+        )
+
+    async def _detach_still_attached(self) -> None:
+        if self._busy_since is None or self.state is not LockState.LOCKED or not self.running:
+            return  # unlocked (or stopping) meanwhile: that path owns the volumes now
+        assert self.volumes is not None
+        try:
+            detached = await self.volumes.detach_all("lock: detaching a busy volume again")
+        except Exception as e:
+            self._busy_detail = str(e)
+            overdue = self.reactor.seconds() - self._busy_since >= self.busy_retry_for
+            if overdue and self.health is not None:
+                self.health.report(
+                    HEALTH, HealthLevel.ERROR, f"locked, but still attached: {self._busy_detail}"
+                )
+            self._schedule_detach()
+            return
+        self.log.info(
+            "persistence: detached {volumes} after the lock", volumes=", ".join(detached)
+        )
+        self._clear_busy()
+        self._report_health()
 
     def _wipe(self) -> None:
         key, self._data_key = self._data_key, None
@@ -1582,6 +1648,11 @@ class PersistenceService(Service):
 
     def _report_health(self) -> None:
         if self.health is None or self._error is not None:
+            return
+        if self._busy_since is not None and self.state is LockState.LOCKED:
+            self.health.report(
+                HEALTH, HealthLevel.WARN, f"locked, detaching again: {self._busy_detail}"
+            )
             return
         self.health.report(HEALTH, HealthLevel.OK, self.state.value)
 

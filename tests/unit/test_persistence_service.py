@@ -61,7 +61,7 @@ from piccolod.persistence.service import (
     PersistenceService,
 )
 from piccolod.persistence.store import CheckpointResult, CheckResult, ControlStore
-from piccolod.persistence.volumes import VolumeError, VolumeManager
+from piccolod.persistence.volumes import VolumeBusy, VolumeError, VolumeManager
 from piccolod.testing.bus import FakeEventBus
 
 PASSWORD = "correct horse battery"
@@ -76,10 +76,17 @@ class FlakyAdapter(DirectoryVolumes):
     """The directory adapter with injectable mount failures (per volume id)."""
 
     fail_mount: set[str]
+    busy: set[str]
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.fail_mount = set()
+        self.busy = set()
+
+    def unmount(self, volume_id: str) -> Deferred[None]:
+        if volume_id in self.busy and self.is_mounted(volume_id):
+            return fail(VolumeBusy(f"{volume_id} is busy"))
+        return super().unmount(volume_id)
 
     def mount(self, volume_id: str, passphrase: bytes, read_only: bool) -> Deferred[str]:
         if volume_id in self.fail_mount:
@@ -446,6 +453,60 @@ class LockTests(Harness):
         self.assertEqual(bytes(secret), bytes(len(secret)))
         self.failureResultOf(self.service.apps.list_all(), Locked)
         self.failureResultOf(self.service.secret_for("control"), Locked)
+
+    def persistence_health(self) -> tuple[HealthLevel, str]:
+        (component,) = [c for c in self.health.components() if c.component == "persistence"]
+        return component.level, component.message
+
+    def test_a_busy_volume_is_detached_once_its_users_let_go(self) -> None:
+        """
+        A lock that finds a volume busy still locks (so apps stop), warns, and detaches
+        the volume as soon as it is free.
+        """
+        self.successResultOf(self.dispatch(AttachVolume("app-web")))
+        self.adapter.busy.add("app-web")
+        self.successResultOf(self.service.lock())
+        self.assertIs(self.service.state, L)
+        self.assertIn((UL, L), self.lock_events())
+        self.assertEqual(list(self.adapter.mounted()), ["app-web"])
+        self.assertIsNone(self.service.data_key)
+        level, message = self.persistence_health()
+        self.assertIs(level, HealthLevel.WARN)
+        self.assertIn("app-web is busy", message)
+        self.clock.advance(0.5)
+        self.assertEqual(list(self.adapter.mounted()), ["app-web"])  # still in use
+        self.adapter.busy.clear()  # the app stopped
+        self.clock.advance(0.5)
+        self.assertEqual(list(self.adapter.mounted()), [])
+        self.assertEqual(self.persistence_health(), (HealthLevel.OK, "locked"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.unlock()
+        self.assertEqual(list(self.adapter.mounted()), ["app-web", "bootstrap", "control"])
+
+    def test_a_volume_busy_for_too_long_is_an_error_and_still_retried(self) -> None:
+        """Past busy_retry_for the health is an error; the retries go on until it is free."""
+        self.successResultOf(self.dispatch(AttachVolume("app-web")))
+        self.adapter.busy.add("app-web")
+        self.successResultOf(self.service.lock())
+        self.clock.pump([0.5] * 121)  # 60.5 s
+        level, message = self.persistence_health()
+        self.assertIs(level, HealthLevel.ERROR)
+        self.assertIn("still attached", message)
+        self.adapter.busy.clear()
+        self.clock.advance(0.5)
+        self.assertEqual(list(self.adapter.mounted()), [])
+        self.assertEqual(self.persistence_health(), (HealthLevel.OK, "locked"))
+
+    def test_unlocking_ends_the_detach_retries(self) -> None:
+        """An unlock while a volume is still busy takes the volumes over: no retry detaches it."""
+        self.successResultOf(self.dispatch(AttachVolume("app-web")))
+        self.adapter.busy.add("app-web")
+        self.successResultOf(self.service.lock())
+        self.unlock()
+        self.adapter.busy.clear()
+        self.clock.advance(5)
+        self.assertEqual(list(self.adapter.mounted()), ["app-web", "bootstrap", "control"])
+        self.assertEqual(self.persistence_health(), (HealthLevel.OK, "unlocked"))
 
     def test_secret_for(self) -> None:
         """secret_for gives a stable passphrase per volume and creates new ones."""
