@@ -849,6 +849,14 @@ class StoreListApps(Command):
     audit: ClassVar[bool] = False
 
 
+#: The store's idempotent writes (a put, set, save, clear or delete of the
+#: same thing twice leaves what once does) may be retried by the dispatcher:
+#: their retryable errors are a cluster leader still catching up with the
+#: commit log (nothing was written) and an unreachable log (the write may have
+#: landed; writing it again is harmless).
+STORE_WRITE_RETRIES = 3
+
+
 @attrs.frozen
 class StorePutApp(Command):
     """Create or replace; the generation is bumped when spec or enabled change."""
@@ -856,6 +864,7 @@ class StorePutApp(Command):
     name: ClassVar[str] = "store.apps.put"
     requires_unlocked: ClassVar[bool] = True
     audit: ClassVar[bool] = False
+    retries: ClassVar[int] = STORE_WRITE_RETRIES
     app: str = attrs.field(validator=non_empty)
     spec: dict[str, Any] = attrs.field(factory=dict)
     enabled: bool = attrs.field(default=True, validator=_boolean)
@@ -882,6 +891,7 @@ class StoreSetSetting(Command):
     name: ClassVar[str] = "store.settings.set"
     requires_unlocked: ClassVar[bool] = True
     audit: ClassVar[bool] = False
+    retries: ClassVar[int] = STORE_WRITE_RETRIES
     key: str = attrs.field(validator=non_empty)
     value: Any = None
 
@@ -893,6 +903,7 @@ class StoreDeleteSetting(Command):
     name: ClassVar[str] = "store.settings.delete"
     requires_unlocked: ClassVar[bool] = True
     audit: ClassVar[bool] = False
+    retries: ClassVar[int] = STORE_WRITE_RETRIES
     key: str = attrs.field(validator=non_empty)
 
 
@@ -1750,6 +1761,7 @@ class StoreSaveRemote(Command):
     name: ClassVar[str] = "store.remote.save"
     requires_unlocked: ClassVar[bool] = True
     audit: ClassVar[bool] = False
+    retries: ClassVar[int] = STORE_WRITE_RETRIES
     record: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -1763,6 +1775,7 @@ class StoreClearRemote(Command):
     name: ClassVar[str] = "store.remote.clear"
     requires_unlocked: ClassVar[bool] = True
     audit: ClassVar[bool] = False
+    retries: ClassVar[int] = STORE_WRITE_RETRIES
 
 
 @attrs.frozen

@@ -41,6 +41,7 @@ from piccolod.commands import (
     ReplicateCommit,
     SealedCommit,
     StoreDone,
+    StoreSetSetting,
 )
 from piccolod.errors import (
     CommitConflict,
@@ -478,6 +479,33 @@ class LeaderWriteTests(ReplicationCase):
         b.settle()
         self.assertTrue(b.service.sync.synced)  # type: ignore[union-attr]
         b.result(b.service.settings.set("k", 1))
+        a.settle()
+        self.assertSame(a, b)
+
+    def test_store_writes_ride_out_a_catch_up(self) -> None:
+        """
+        store.settings.set sent to a new leader still catching up succeeds once it has
+        caught up: the dispatcher retries the store's idempotent writes.
+        """
+        a = self.leader()
+        b = self.joined()
+        a.populate()
+        b.settle()
+        a.lead(False, leader_id="b")
+        a.settle()
+        assert b.service.sync is not None
+        b.service.sync.backoff_initial = 0.01
+        self.cluster.read_failures = 1  # its first catch-up fails: writes are refused
+        b.lead(True)
+        b.settle()
+        self.assertFalse(b.service.sync.synced)
+        d = b.dispatcher.dispatch(StoreSetSetting("k", {"v": 1}))
+        self.assertNoResult(d)  # refused (retryable), retried on the dispatcher's backoff
+        for _ in range(10):
+            self.clock.advance(0.01)
+            b.settle()
+        self.assertEqual(self.successResultOf(d), StoreDone())
+        self.assertEqual(b.result(b.service.settings.get("k")), {"v": 1})
         a.settle()
         self.assertSame(a, b)
 

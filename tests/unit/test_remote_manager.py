@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from piccolod.commands import (
+    STORE_WRITE_RETRIES,
     AddRemoteAlias,
     Command,
     ConfigureRemote,
@@ -573,15 +574,28 @@ class CertificateTests(ManagerCase):
         """If storing the issued certificate fails, neither key nor chain is kept anywhere."""
         d = self.h.dispatch(configuration(expose=()))  # stored now; the job runs next turn
         self.successResultOf(d)
-        # The account key's write succeeds; the certificate's fails.
-        self.h.store.fail_saves += [None, TransientError("disk hiccup")]
-        self.settle()
+        # The account key's write succeeds; the certificate's fails, retries included.
+        failures = [TransientError("disk hiccup")] * (1 + STORE_WRITE_RETRIES)
+        self.h.store.fail_saves += [None, *failures]
+        for _ in range(10):  # the dispatcher's retries: 0.05 + 0.1 + 0.2 s
+            self.advance(0.1)
+        self.assertEqual(self.h.store.fail_saves, [])
         entry = self.certificate(PORTAL)
         self.assertEqual(entry["state"], "error")
         state = self.stored()
         self.assertEqual(state.certificates, {})
         self.assertNotIn(PORTAL, self.h.manager.tls.contexts)
         self.advance(10.0)
+        self.assertEqual(self.certificate(PORTAL)["state"], "ok")
+        self.assertIn(PORTAL, self.stored().certificates)
+
+    def test_a_transient_store_failure_is_retried(self) -> None:
+        """One failed write of the issued certificate is retried by the dispatcher: it is kept."""
+        self.successResultOf(self.h.dispatch(configuration(expose=())))
+        self.h.store.fail_saves += [None, TransientError("disk hiccup")]
+        for _ in range(10):
+            self.advance(0.1)
+        self.assertEqual(self.h.store.fail_saves, [])
         self.assertEqual(self.certificate(PORTAL)["state"], "ok")
         self.assertIn(PORTAL, self.stored().certificates)
 
