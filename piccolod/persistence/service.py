@@ -635,7 +635,9 @@ class PersistenceService(Service):
         self._reason = "start"
         self._announce(None)
         self._report_health()
-        Deferred.fromCoroutine(self._boot()).addErrback(
+        # Serialised with the operations: a setup that arrives while the boot
+        # checks run must not have its keyset temp file swept away mid-write.
+        self._serial(self._boot).addErrback(
             lambda f: self.log.failure("persistence boot checks failed", f)
         )
 

@@ -280,6 +280,40 @@ class LockMachineTests(Harness):
         self.assertEqual(self.successResultOf(locking).state, "locked")
         self.assert_nothing_open()
 
+    def test_setup_waits_for_the_boot_checks(self) -> None:
+        """
+        The boot checks (which sweep stale keyset temp files) and a setup
+        that arrives meanwhile never run at once: the setup's temp file
+        cannot be swept away from under it.
+        """
+        self.stop()
+        pending: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+        class Threaded(PersistenceService):
+            def _blocking(self, fn: Callable[[], Any]) -> Deferred[Any]:
+                d: Deferred[Any] = Deferred()
+                pending.append((fn, d))
+                return d
+
+        def run_next() -> None:
+            fn, d = pending.pop(0)
+            d.callback(fn())
+
+        (self.state_dir / "persistence").mkdir(exist_ok=True)
+        service = Threaded(
+            self.clock, self.state_dir / "persistence", self.bus, PersistenceConfig(kdf=FAST)
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(len(pending), 1)  # the boot checks, in a thread
+        setting_up = service.setup(PASSWORD)
+        self.assertEqual(len(pending), 1, "setup started while the boot checks ran")
+        run_next()
+        while pending:
+            run_next()
+        self.assertEqual(self.successResultOf(setting_up).state, "locked")
+        self.assertTrue((self.state_dir / "persistence" / "keyset.json").exists())
+
     def test_short_password_refused_at_setup(self) -> None:
         """Setup with a password under the minimum length is InvalidCommand; still U."""
         self.failureResultOf(self.service.setup("short"), InvalidCommand)
