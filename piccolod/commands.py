@@ -872,9 +872,12 @@ class StorePutApp(Command):
 
 @attrs.frozen
 class StoreDeleteApp(Command):
+    """Remove an app's record; idempotent (a missing app is fine)."""
+
     name: ClassVar[str] = "store.apps.delete"
     requires_unlocked: ClassVar[bool] = True
     audit: ClassVar[bool] = False
+    retries: ClassVar[int] = STORE_WRITE_RETRIES
     app: str = attrs.field(validator=non_empty)
 
 

@@ -9,9 +9,11 @@ commands) that the persistence subsystem answers from its repositories.
   dispatch those commands.
 - :class:`MemoryStore` answers the same commands from memory, with the
   repository's semantics (a generation bumped only by a real change,
-  ``NotFound`` for a missing app or setting, ``Locked`` while its
-  ``locked`` flag is set), and can stand in for the volume commands with
-  plain directories.  Tests, benchmarks and the contract suites use it;
+  ``NotFound`` for a missing app or setting, deletes that are idempotent,
+  answers the caller may change, ``Locked`` while its ``locked`` flag is
+  set), and can stand in for the volume commands with plain directories.
+  It passes the same contract suite as the real store
+  (``tests/contracts/store_commands.py``).  Tests and benchmarks use it;
   it is never wired into the daemon.
 """
 
@@ -148,13 +150,13 @@ class MemoryStore:
     def _get(self, command: StoreGetApp, context: CommandContext) -> StoredApp:
         self._check()
         try:
-            return self.apps[command.app]
+            return _copy(self.apps[command.app])
         except KeyError:
             raise NotFound(f"no app named {command.app!r}") from None
 
     def _list(self, command: StoreListApps, context: CommandContext) -> StoredApps:
         self._check()
-        return StoredApps(apps=tuple(self.apps[name] for name in sorted(self.apps)))
+        return StoredApps(apps=tuple(_copy(self.apps[name]) for name in sorted(self.apps)))
 
     def _put(self, command: StorePutApp, context: CommandContext) -> StoredApp:
         self._check()
@@ -165,7 +167,7 @@ class MemoryStore:
             and json.dumps(current.spec, sort_keys=True) == text
             and current.enabled == command.enabled
         ):
-            return current
+            return _copy(current)
         self.writes += 1
         stored = StoredApp(
             name=command.app,
@@ -175,13 +177,12 @@ class MemoryStore:
             updated_at=self.now,
         )
         self.apps[command.app] = stored
-        return stored
+        return _copy(stored)
 
     def _delete(self, command: StoreDeleteApp, context: CommandContext) -> StoreDone:
         self._check()
-        if self.apps.pop(command.app, None) is None:
-            raise NotFound(f"no app named {command.app!r}")
-        self.writes += 1
+        if self.apps.pop(command.app, None) is not None:
+            self.writes += 1
         return StoreDone()
 
     # -- settings
@@ -251,3 +252,8 @@ class MemoryStore:
         self.volumes.pop(command.volume_id, None)
         shutil.rmtree(self._path(command.volume_id), ignore_errors=True)
         return VolumeResult(volume_id=command.volume_id, state="deleted")
+
+
+def _copy(app: StoredApp) -> StoredApp:
+    """An answer the caller may change (the real store reads a fresh one each time)."""
+    return attrs.evolve(app, spec=json.loads(json.dumps(app.spec)))

@@ -867,7 +867,10 @@ class PersistenceService(Service):
     async def _handle_store_delete_app(
         self, command: StoreDeleteApp, context: CommandContext
     ) -> StoreDone:
-        await self.apps.delete(command.app)
+        try:
+            await self.apps.delete(command.app)
+        except NotFound:  # deleting is idempotent for callers (and safe to retry)
+            pass
         return StoreDone()
 
     async def _handle_store_get_setting(

@@ -55,6 +55,9 @@ class StoreCommandTests(SynchronousTestCase):
         json.dumps(listed.to_json())
         self.box.result(self.dispatch(StoreDeleteApp("web")))
         self.box.case.failureResultOf(self.dispatch(StoreGetApp("web")), NotFound)
+        revision = self.box.service.info().revision
+        self.box.result(self.dispatch(StoreDeleteApp("web")))  # idempotent: safe to retry
+        self.assertEqual(self.box.service.info().revision, revision)
 
     def test_settings(self) -> None:
         """Settings are set, read, listed by prefix and deleted idempotently."""
