@@ -1069,6 +1069,8 @@ class EtcdConsensus(Service):
     lock_grace: float = attrs.field(default=30.0, kw_only=True)
     #: When this node's storage locked (``None``: it is not locked).
     locked_since: float | None = attrs.field(init=False, default=None)
+    #: Whether this node's storage is not set up yet (``uninitialized``).
+    storage_blank: bool = attrs.field(init=False, default=False)
     _grace_timer: Any = attrs.field(init=False, default=None)
 
     @feed.default
@@ -1472,6 +1474,8 @@ class EtcdConsensus(Service):
         }
         if members_error is not None:
             backend["members_error"] = members_error
+        blocker = self.campaign_blocker()
+        backend["campaigns"] = {"eligible": blocker is None, "reason": blocker}
         backend["replication"] = {
             **self.lag.to_json(self.clock.seconds()),
             "feed": self.feed.to_json(),
@@ -1645,15 +1649,34 @@ class EtcdConsensus(Service):
             self.health.remove(COMPONENT)
         self.log.info("etcd consensus: {node_id} stepped down", node_id=self.node_id)
 
+    def campaign_blocker(self) -> str | None:
+        """
+        Why this node does not campaign for leadership now (``None``: it
+        does).  Not while its storage is locked (or unlocking): a leader that
+        cannot open its control store could take no write and run no
+        stateful app, so a locked node follows and leaves leadership to an
+        unlocked one.  An uninitialised node campaigns only once it has read
+        the cluster's commit log and found it empty: a new cluster is set up
+        on its first leader, but a blank node added to a cluster that is set
+        up already must join it (``persistence.join``) before it may lead.
+        """
+        if self.locked_since is not None:
+            return "this node's storage is locked"
+        if self.storage_blank:
+            if not self.feed.known:
+                return "this node's storage is not set up; reading the cluster's commit log"
+            if self.lag.head is not None:
+                return "this node's storage is not set up and the cluster's is: join the cluster"
+        return None
+
     def may_campaign(self) -> bool:
-        """
-        Whether this node campaigns for leadership.  Not while its storage is
-        locked (or unlocking): a leader that cannot open its control store
-        could take no write and run no stateful app, so a locked node follows
-        and leaves leadership to an unlocked one.  An uninitialised node does
-        campaign (a new cluster is set up on its first leader).
-        """
-        return self.locked_since is None
+        """Whether this node campaigns for leadership (see :meth:`campaign_blocker`)."""
+        return self.campaign_blocker() is None
+
+    def log_known(self) -> None:
+        """The commit feed learnt the log's head (or that it is empty)."""
+        if self.storage_blank:
+            self._eligibility_changed()
 
     def may_keep(self) -> bool:
         """
@@ -1669,6 +1692,10 @@ class EtcdConsensus(Service):
         event = envelope.event
         if not isinstance(event, LockStateChanged):
             return
+        blank = event.state is LockState.UNINITIALIZED
+        if blank != self.storage_blank:
+            self.storage_blank = blank
+            self._eligibility_changed()
         locked = event.state in (LockState.LOCKED, LockState.PREUNLOCK)
         if locked == (self.locked_since is not None):
             return

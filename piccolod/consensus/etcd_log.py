@@ -275,6 +275,9 @@ class CommitFeed:
     published: int = attrs.field(init=False, default=0)
     resyncs: int = attrs.field(init=False, default=0)
     last_error: str | None = attrs.field(init=False, default=None)
+    #: Whether the head has been read once (``lag.head is None`` then
+    #: means the log is empty, not unknown).
+    known: bool = attrs.field(init=False, default=False)
     _watch: PrefixWatch | None = attrs.field(init=False, default=None)
     _timer: IDelayedCall | None = attrs.field(init=False, default=None)
     _reading: Deferred[Any] | None = attrs.field(init=False, default=None)
@@ -304,6 +307,7 @@ class CommitFeed:
 
     def stop(self) -> None:
         self.state = "stopped"
+        self.known = False
         self._cancel_hold()
         self._held = None
         self._own.clear()
@@ -323,6 +327,7 @@ class CommitFeed:
             "published": self.published,
             "resyncs": self.resyncs,
             "last_error": self.last_error,
+            "known": self.known,
         }
 
     def _read(self) -> None:
@@ -343,6 +348,9 @@ class CommitFeed:
         self.state = "watching"
         self._watch = watch = self.owner.watch_prefix(HEAD, result.revision + 1, self._events)
         watch.when_stopped().addBoth(self._watch_stopped, watch)
+        if not self.known:
+            self.known = True
+            self.owner.log_known()
 
     def _read_failed(self, failure: Failure) -> None:
         self._reading = None
@@ -380,9 +388,12 @@ class CommitFeed:
             return
         if head is None or head == self.lag.head:
             return
+        first = self.lag.head is None
         self.lag.head = head
         self.lag.log_revision = kv.mod_revision
         self.lag.update(self.owner.clock.seconds())
+        if first and self.known:
+            self.owner.log_known()
         own = head in self._own
         self._own = {r for r in self._own if r > head}
         if own and (self.lag.applied is None or self.lag.applied < head):

@@ -35,6 +35,7 @@ from tests.integration.etcd_cluster import (
     TTL,
     EtcdCluster,
     PiccolodNode,
+    cluster_view,
     commit_log,
     form_cluster,
     get_setting,
@@ -154,6 +155,69 @@ def test_writes_replicate_survive_kill_9_and_a_restarted_node_catches_up(
     _caught_up(nodes, acked, 30.0)
     log = _check_log(etcd)
     assert log[-1]["revision"] == replication(new)["log_head"], log
+
+
+def test_a_blank_node_never_takes_over_a_set_up_cluster(
+    cluster: tuple[EtcdCluster, list[PiccolodNode]],
+) -> None:
+    """
+    Storage set up on the leader, one node joined, one left blank: kill -9 of the leader
+    hands leadership to the joined node, never to the blank one (it could serve no store);
+    once the blank node joins, it may lead.
+    """
+    etcd, nodes = cluster
+    by_name = {n.name: n for n in nodes}
+    leader_name, term = one_leader(nodes)
+    leader = by_name[leader_name]
+    reply = leader.api.post("/api/v1/auth/setup", {"password": ADMIN_PASSWORD})
+    assert reply.status == 201, reply
+    joined, blank = [n for n in nodes if n is not leader]
+
+    def join(node: PiccolodNode) -> None:
+        def attempt() -> Any:
+            reply = APIClient(node.address, timeout=30.0).post(
+                "/api/v1/cluster/join", {"password": ADMIN_PASSWORD}
+            )
+            if reply.status == 404:  # the leader has not published its keyset yet
+                return None
+            assert reply.status == 200 and reply.body["state"] == "unlocked", reply
+            return reply
+
+        wait_for(attempt, 30.0, f"{node.name} joins", interval=0.2)
+
+    join(joined)
+
+    def blank_knows() -> dict[str, Any] | None:
+        campaigns = dict(cluster_view(blank)["backend"]["campaigns"])
+        return campaigns if not campaigns["eligible"] else None
+
+    campaigns = wait_for(blank_knows, 10.0, "the blank node seeing the cluster set up")
+    assert "join the cluster" in campaigns["reason"], campaigns
+    assert cluster_view(joined)["backend"]["campaigns"]["eligible"] is True
+
+    leader.kill()
+    new_name = wait_for(
+        lambda: next((n for n, s in roles([joined, blank]).items() if s["role"] == "leader"), None),
+        TTL + 5.0,
+        "a new leader",
+    )
+    assert new_name == joined.name, roles([joined, blank])
+    assert roles([blank])[blank.name]["role"] != "leader"
+    assert roles([joined])[joined.name]["term"] > term
+
+    # Joined, the formerly blank node may lead: kill the new leader too.
+    join(blank)
+    wait_for(
+        lambda: True if cluster_view(blank)["backend"]["campaigns"]["eligible"] else None,
+        10.0,
+        "the joined node eligible",
+    )
+    joined.kill()
+    wait_for(
+        lambda: True if roles([blank]).get(blank.name, {}).get("role") == "leader" else None,
+        TTL + 5.0,
+        "the once-blank node leading",
+    )
 
 
 def test_a_sigstopped_leader_cannot_write_after_sigcont(

@@ -39,7 +39,7 @@ from piccolod.consensus.etcd_log import (
 )
 from piccolod.consensus.single_node import SingleNodeConsensus
 from piccolod.errors import CommitConflict, InvalidCommand, NotLeader, Unavailable
-from piccolod.events import CommitLogAdvanced, ControlStoreCommit, Role
+from piccolod.events import CommitLogAdvanced, ControlStoreCommit, LockState, LockStateChanged, Role
 from piccolod.kernel.bus import MemoryEventBus
 from piccolod.kernel.dispatcher import CommandDispatcher
 from piccolod.kernel.leadership import LeadershipRegistry
@@ -554,3 +554,68 @@ class SingleNodeTests(SynchronousTestCase):
         world.advance(0.2)
         self.successResultOf(d)
         self.assertNotIn(ReplicateCommit.name, node.dispatcher.names())
+
+
+class BlankNodeTests(SynchronousTestCase):
+    """A node whose storage is not set up leads only a cluster that is not set up either."""
+
+    def storage(self, node: Node, state: LockState) -> None:
+        node.bus.publish(LockStateChanged(state), "persistence")
+        node.clock.advance(0)
+        node.world.etcd.pump()
+
+    def campaigns(self, node: Node) -> dict[str, Any]:
+        d = node.consensus.status()
+        node.world.etcd.pump()
+        status = self.successResultOf(d)
+        return status.backend["campaigns"]  # type: ignore[no-any-return]
+
+    def test_a_blank_node_does_not_take_over_a_set_up_cluster(self) -> None:
+        """The leader dead, a blank node does not lead a cluster with a log; joined, it does."""
+        world, log, leader = started_log(self, nodes=2)
+        (blank,) = [n for n in world.nodes if n is not leader]
+        self.storage(blank, LockState.UNINITIALIZED)
+        self.assertFalse(blank.consensus.may_campaign())
+        campaigns = self.campaigns(blank)
+        self.assertFalse(campaigns["eligible"])
+        self.assertIn("join the cluster", campaigns["reason"])
+        world.crash(leader)
+        world.advance(5.0)  # well past the dead leader's lease
+        self.assertEqual(world.leaders(), [])
+        self.assertIs(blank.role(), Role.UNKNOWN)
+        # It joins: setup (locked), preunlock, unlocked; then it may lead.
+        for state in (LockState.LOCKED, LockState.PREUNLOCK, LockState.UNLOCKED):
+            self.storage(blank, state)
+        world.until(lambda: world.leaders() == [blank], 1.0, "the joined node leading")
+        self.assertEqual(self.campaigns(blank), {"eligible": True, "reason": None})
+
+    def test_a_blank_follower_stops_campaigning_when_the_cluster_is_set_up(self) -> None:
+        """Two blank nodes of a new cluster: the first append (setup) is seen by watch."""
+        world = settled_world(self, nodes=2)
+        for node in world.nodes:
+            self.storage(node, LockState.UNINITIALIZED)
+        leader = world.leader()
+        (other,) = [n for n in world.nodes if n is not leader]
+        self.assertTrue(other.consensus.may_campaign())  # the log is empty: a new cluster
+        Log(self, world).append(leader, entry(1, "snapshot"))
+        world.advance(0.2)
+        self.assertFalse(other.consensus.may_campaign())
+        world.crash(leader)
+        world.advance(5.0)
+        self.assertEqual(world.leaders(), [])
+
+    def test_a_blank_node_waits_for_the_log_before_campaigning(self) -> None:
+        """A blank node campaigns only once it has read the log's head: empty, it leads."""
+        world = World(1)
+        self.addCleanup(world.stop_all)
+        (node,) = world.nodes
+        self.storage(node, LockState.UNINITIALIZED)
+        node.http.blackhole = True  # its requests hang: the log's head is not read yet
+        node.start()
+        world.advance(0.5)
+        self.assertFalse(node.consensus.feed.known)
+        self.assertIn("reading", node.consensus.campaign_blocker() or "")
+        self.assertEqual(world.leaders(), [])
+        node.http.blackhole = False  # the hung requests time out and are retried
+        world.until(lambda: world.leaders() == [node], 10.0, "the blank node of a new cluster")
+        self.assertTrue(node.consensus.feed.known)
