@@ -101,6 +101,15 @@ CLUSTER_SCHEMA: Mapping[str, Any] = {
         "backend": {
             "type": ["object", "null"],
             "properties": {
+                "campaigns": {
+                    "type": "object",
+                    "description": "Whether this node campaigns for leadership, and why not",
+                    "required": ["eligible", "reason"],
+                    "properties": {
+                        "eligible": {"type": "boolean"},
+                        "reason": {"type": ["string", "null"]},
+                    },
+                },
                 "replication": {
                     "type": "object",
                     "description": "The commit log's head and this node's lag behind it",
