@@ -348,6 +348,24 @@ class SyncDriver:
         """Append ``entry`` to the log (fenced by this node's term)."""
         return self.dispatcher.dispatch(ReplicateCommit(entry), CONTEXT)
 
+    def landed(self, entry: SealedCommit) -> Deferred[bool]:
+        """
+        Whether the log holds ``entry`` itself (the same sealed text: its
+        nonce makes it unique), read after an append whose answer was lost.
+        """
+        return Deferred.fromCoroutine(self._landed(entry))
+
+    async def _landed(self, entry: SealedCommit) -> bool:
+        log = await self.dispatcher.dispatch(
+            ReadCommits(after=entry.revision - 1, limit=1), CONTEXT
+        )
+        if not isinstance(log, CommitLog):
+            raise Unavailable(f"cluster.read_commits answered {type(log).__name__}")
+        return any(
+            e.revision == entry.revision and e.kind == entry.kind and e.sealed == entry.sealed
+            for e in log.entries
+        )
+
     def conflicted(self, error: BaseException | None) -> None:
         """A write found the log ahead (or its commit could not land): catch up."""
         self._synced = False

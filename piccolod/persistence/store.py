@@ -50,6 +50,11 @@ revision row and seals the log entry; the hook appends it to the log
 (``cluster.replicate_commit``); hop 2 commits, or rolls back when the
 append failed (``NotLeader`` stays ``NotLeader``; ``CommitConflict`` makes
 the hook catch up and the write fails with a retryable ``Unavailable``).
+An append that failed otherwise (a timeout, a lost connection: its answer
+may be lost although the log took it) is checked first, with the
+transaction still open: when the log holds this very entry (same sealed
+text) the write commits and is acknowledged; when it does not, or the
+check fails too, it rolls back and fails as the append did.
 The write is acknowledged only after both.  A crash between the append and
 the local commit loses nothing: the entry is in the log and the next sync
 applies it.  :meth:`ControlStore.apply` applies log entries (followers,
@@ -817,6 +822,9 @@ class ReplicationHook(Protocol):
     def conflicted(self, error: BaseException | None) -> None:
         """A replicated write failed because the store is behind the log."""
 
+    def landed(self, entry: SealedCommit) -> Deferred[bool]:
+        """Whether the cluster log holds ``entry`` (after an append that failed)."""
+
 
 _Held = list[tuple[Callable[[], "Deferred[Any]"], "Deferred[Any]"]]
 
@@ -1107,7 +1115,7 @@ class ControlStore:
                 appended = fail()
             return appended.addCallbacks(
                 lambda _: self._commit_replicated(commit, result, hook),
-                lambda failure: self._abort_replicated(commit, failure, hook),
+                lambda failure: self._append_failed(commit, entry, result, failure, hook),
             )
 
         def release(outcome: Any) -> Any:
@@ -1133,6 +1141,46 @@ class ControlStore:
 
         finish = self._submit(lambda: self._require_db().finish_replicated(commit, True))
         return finish.addCallbacks(committed, lost)
+
+    def _append_failed(
+        self,
+        commit: Commit,
+        entry: SealedCommit,
+        result: T,
+        failure: Failure,
+        hook: ReplicationHook,
+    ) -> Deferred[T]:
+        """
+        The append failed.  Refused outright (a conflict, a deposed leader,
+        a bad entry): roll back.  Otherwise its answer may have been lost
+        after the log took it: ask the log, and commit if it has the entry.
+        """
+        if failure.check(CommitConflict, NotLeader, Conflict, Locked):
+            return self._abort_replicated(commit, failure, hook)
+        try:
+            checking = hook.landed(entry)
+        except BaseException:
+            checking = fail()
+
+        def checked(landed: object) -> Deferred[T]:
+            if landed is True:
+                self.log.warn(
+                    "the append of revision {revision} failed ({error}) but the cluster "
+                    "log has it: committing",
+                    revision=commit.revision,
+                    error=failure.getErrorMessage(),
+                )
+                return self._commit_replicated(commit, result, hook)
+            if isinstance(landed, Failure):
+                self.log.warn(
+                    "could not check whether revision {revision} reached the cluster log: "
+                    "{error}",
+                    revision=commit.revision,
+                    error=landed.getErrorMessage(),
+                )
+            return self._abort_replicated(commit, failure, hook)
+
+        return checking.addBoth(checked)
 
     def _abort_replicated(
         self, commit: Commit, failure: Failure, hook: ReplicationHook

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from piccolod.commands import (
@@ -98,6 +99,10 @@ class FakeCluster:
         self.reads: list[int] = []
         self.conflicts = 0
         self.refuse_snapshots = 0
+        #: Appends that land but whose answer is lost (a timeout).
+        self.lose_answers = 0
+        #: Appends that fail before reaching the log.
+        self.append_failures = 0
 
     def head(self) -> int | None:
         return self.log[-1].revision if self.log else None
@@ -118,10 +123,17 @@ class FakeCluster:
             waiter: Deferred[CommitReplicated] = Deferred()
             self.pending.append((command.entry, waiter))
             return waiter
+        if self.append_failures:
+            self.append_failures -= 1
+            return fail(Unavailable("the shared store cannot be reached"))
         try:
-            return succeed(self._append(command.entry))
+            appended = self._append(command.entry)
         except Exception as e:
             return fail(e)
+        if self.lose_answers:
+            self.lose_answers -= 1
+            return fail(Unavailable("cluster.replicate_commit timed out"))
+        return succeed(appended)
 
     def release(self) -> None:
         """Answer every held append, in order."""
@@ -508,6 +520,58 @@ class LeaderWriteTests(ReplicationCase):
         self.assertEqual(b.result(b.service.settings.get("k")), {"v": 1})
         a.settle()
         self.assertSame(a, b)
+
+    def test_an_append_whose_answer_is_lost_commits_once(self) -> None:
+        """
+        The log took the entry but its answer was lost: the store finds its own entry
+        in the log and commits; a non-idempotent write (an audit record) is there once.
+        """
+        a = self.leader()
+        b = self.joined()
+        revision = a.service.info().revision
+        self.cluster.lose_answers = 1
+        with capturedLogs() as logs:
+            a.result(a.service.audit.append(AuditEntry("x", "admin", "ok", detail=CANARY)))
+        self.assertTrue(any("the cluster log has it" in str(e.get("log_format")) for e in logs))
+        self.assertEqual(a.service.info().revision, revision + 1)
+        self.assertEqual(self.cluster.head(), revision + 1)
+        self.assertEqual(a.service.info().checksum, self.cluster.log[-1].checksum)
+        a.result(a.service.settings.set("next", 1))  # the next write follows at once
+        b.settle()
+        self.assertSame(a, b)
+        audit = a.result(a.service.audit.recent(10))
+        self.assertEqual([e.detail for e in audit], [CANARY])
+
+    def test_an_append_that_never_landed_rolls_back(self) -> None:
+        """The append failed before the log: the check finds nothing; it fails, nothing kept."""
+        a = self.leader()
+        revision, head = a.service.info().revision, self.cluster.head()
+        self.cluster.append_failures = 1
+        self.failureResultOf(a.service.settings.set("k", CANARY), Unavailable)
+        self.assertEqual((a.service.info().revision, self.cluster.head()), (revision, head))
+        self.failureResultOf(a.service.settings.get("k"), NotFound)
+        a.result(a.service.settings.set("k", 1))
+        self.assertEqual(a.service.info().revision, revision + 1)
+
+    def test_a_lost_answer_and_a_failed_check_roll_back_then_sync(self) -> None:
+        """
+        Neither the append's answer nor the check gets through: the write fails (its
+        outcome unknown to the caller) and the next sync applies the entry the log has.
+        """
+        a = self.leader()
+        revision = a.service.info().revision
+        self.cluster.lose_answers = 1
+        self.cluster.read_failures = 1
+        with capturedLogs() as logs:
+            self.failureResultOf(a.service.settings.set("k", CANARY), Unavailable)
+        self.assertTrue(any("could not check" in str(e.get("log_format")) for e in logs))
+        self.assertEqual(self.cluster.head(), revision + 1)
+        a.settle()
+        assert a.service.sync is not None
+        a.service.sync.kick("test")
+        a.settle()
+        self.assertEqual(a.service.info().revision, revision + 1)
+        self.assertEqual(a.result(a.service.settings.get("k")), CANARY)
 
     def test_crash_between_append_and_local_commit(self) -> None:
         """The log has the entry but the local commit failed: after reopening it is applied once."""
