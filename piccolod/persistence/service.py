@@ -57,6 +57,8 @@ anywhere but on the leader; password changes and recovery rotations too.
 
 from __future__ import annotations
 
+import json
+import math
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -162,7 +164,7 @@ from piccolod.kernel.fsm import LOCK_MACHINE, Machine, Transition
 from piccolod.persistence import exports
 from piccolod.persistence import keyset as keysets
 from piccolod.persistence.errors import KeysetCorrupt, WrongPassword, WrongRecoveryKey
-from piccolod.persistence.keyset import DataKey, KdfParams, Keyset, KeysetFile
+from piccolod.persistence.keyset import DataKey, KdfParams, Keyset, KeysetFile, write_atomically
 from piccolod.persistence.replication import CONTEXT, Diverged, SyncDriver, log_key
 from piccolod.persistence.store import CONTROL_PLANE, CheckResult, ControlStore, store_key
 from piccolod.persistence.volume_keys import VolumeKeys, check_volume_id
@@ -185,6 +187,9 @@ HEALTH = "persistence"
 STORE_HEALTH = "persistence.store"
 #: Where the cluster's shared keyset lives in the consensus's store.
 CLUSTER_KEYSET = "control/keyset"
+#: The wrong-secret counter, kept across restarts (not a secret: a count
+#: and a time).
+ATTEMPTS_FILE = "unlock-attempts.json"
 #: How long unlock waits for the cluster's keyset before using its own.
 CLUSTER_KEYSET_TIMEOUT = 5.0
 
@@ -337,6 +342,33 @@ class AttemptLimiter:
     def succeeded(self) -> None:
         self.failures = 0
         self.not_before = 0.0
+
+    # -- across restarts (``<directory>/unlock-attempts.json``)
+
+    def to_bytes(self) -> bytes:
+        body = {"failures": self.failures, "not_before": self.not_before}
+        return (json.dumps(body, sort_keys=True) + "\n").encode()
+
+    def restore(self, data: bytes) -> None:
+        """
+        Take the counter saved before a restart.  The delay still to run is
+        capped at ``maximum`` (a clock set back, e.g. a board without RTC
+        before NTP, must not lock the owner out for years).  Raises
+        ``ValueError`` for a malformed file.
+        """
+        body = json.loads(data)
+        failures, not_before = body["failures"], body["not_before"]
+        if (
+            not isinstance(failures, int)
+            or isinstance(failures, bool)
+            or failures < 0
+            or not isinstance(not_before, (int, float))
+            or isinstance(not_before, bool)
+            or not math.isfinite(not_before)
+        ):
+            raise ValueError(f"implausible attempt counter: {body!r}")
+        self.failures = failures
+        self.not_before = min(float(not_before), self.clock.seconds() + self.maximum)
 
 
 # --------------------------------------------------------------------------
@@ -648,10 +680,16 @@ class PersistenceService(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _boot(self) -> None:
+        attempts: list[bytes] = []
+
         def read() -> KeysetFile | None:
             if not self._keyset.directory.exists():
                 return None
             self._keyset.remove_stale_temps()
+            try:
+                attempts.append((self.directory / ATTEMPTS_FILE).read_bytes())
+            except FileNotFoundError:
+                pass
             return self._keyset.load() if self._keyset.exists() else None
 
         try:
@@ -661,6 +699,23 @@ class PersistenceService(Service):
         else:
             if keyset is not None:
                 self._has_recovery = keyset.recovery is not None
+        for data in attempts:
+            try:
+                self._limiter.restore(data)
+            except (ValueError, KeyError, TypeError) as e:
+                self.log.warn(
+                    "persistence: ignoring the unreadable {name}: {error}",
+                    name=ATTEMPTS_FILE,
+                    error=str(e),
+                )
+            else:
+                if self._limiter.failures:
+                    self.log.info(
+                        "persistence: {failures} wrong attempt(s) before the restart; "
+                        "next attempt in {delay:.1f} s",
+                        failures=self._limiter.failures,
+                        delay=self._limiter.retry_after(),
+                    )
         if self.volumes is not None:
             try:
                 await self.volumes.sweep()
@@ -1350,9 +1405,31 @@ class PersistenceService(Service):
                 failures=self._limiter.failures,
                 delay=delay,
             )
+            await self._save_attempts()  # before answering: a restart does not reset it
             raise
-        self._limiter.succeeded()
+        await self._attempts_succeeded()
         return data_key
+
+    async def _save_attempts(self) -> None:
+        data = self._limiter.to_bytes()
+        path = self.directory / ATTEMPTS_FILE
+
+        def write() -> None:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomically(path, data)
+
+        try:
+            await self._blocking(write)
+        except Exception as e:
+            self.log.error(
+                "persistence: could not save the unlock attempt counter: {error}",
+                error=_describe(e),
+            )
+
+    async def _attempts_succeeded(self) -> None:
+        if self._limiter.failures or self._limiter.not_before:
+            self._limiter.succeeded()
+            await self._save_attempts()
 
     async def _step(self, step: str) -> None:
         if self.preunlock_hook is not None:
@@ -1482,9 +1559,7 @@ class PersistenceService(Service):
                 )
             self._schedule_detach()
             return
-        self.log.info(
-            "persistence: detached {volumes} after the lock", volumes=", ".join(detached)
-        )
+        self.log.info("persistence: detached {volumes} after the lock", volumes=", ".join(detached))
         self._clear_busy()
         self._report_health()
 
@@ -1603,7 +1678,7 @@ class PersistenceService(Service):
         except BaseException:
             data_key.wipe()
             raise
-        self._limiter.succeeded()
+        await self._attempts_succeeded()
         self._has_recovery = shared.recovery is not None
         self.log.info(
             "persistence: adopted the cluster's keyset generation {generation}",

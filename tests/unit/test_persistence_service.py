@@ -378,6 +378,57 @@ class RateLimitTests(Harness):
         )
         self.failureResultOf(self.service.unlock(password=PASSWORD), RateLimited)
 
+    def restarted(self) -> PersistenceService:
+        """The service stopped and a new one started on the same state dir."""
+        self.stop()
+        self.service = self.make()
+        self.service.startService()
+        return self.service
+
+    def attempts_file(self) -> Any:
+        return json.loads((self.state_dir / "persistence" / "unlock-attempts.json").read_text())
+
+    def test_the_counter_survives_a_restart(self) -> None:
+        """Wrong attempts are saved before they are answered; a restart keeps delay and count."""
+        self.failureResultOf(self.service.unlock(password="wrong 1"), WrongPassword)
+        self.clock.advance(1.0)
+        self.failureResultOf(self.service.unlock(password="wrong 2"), WrongPassword)
+        self.assertEqual(self.attempts_file()["failures"], 2)
+        self.clock.advance(0.5)
+        service = self.restarted()
+        status = service.status()
+        self.assertEqual((status.failed_attempts, status.retry_after), (2, 1.5))
+        refused = self.failureResultOf(service.unlock(password=PASSWORD), RateLimited)
+        self.assertEqual(refused.value.retry_after, 1.5)
+        self.clock.advance(1.5)
+        self.failureResultOf(service.unlock(password="wrong 3"), WrongPassword)
+        self.assertEqual(service.status().retry_after, 4.0)  # it keeps doubling
+        self.clock.advance(4.0)
+        self.unlock()
+        self.assertEqual(self.attempts_file(), {"failures": 0, "not_before": 0.0})
+        self.assertEqual(self.restarted().status().failed_attempts, 0)
+
+    def test_a_clock_set_back_does_not_lock_the_owner_out(self) -> None:
+        """A saved deadline far beyond the maximum delay (the clock went back) is capped."""
+        self.failureResultOf(self.service.unlock(password="wrong"), WrongPassword)
+        path = self.state_dir / "persistence" / "unlock-attempts.json"
+        path.write_text(json.dumps({"failures": 30, "not_before": self.clock.seconds() + 1e9}))
+        service = self.restarted()
+        self.assertEqual(service.status().retry_after, 60.0)
+        self.clock.advance(60.0)
+        self.unlock()
+
+    def test_an_unreadable_counter_is_ignored_loudly(self) -> None:
+        """A malformed counter file is reported in the log and changes nothing."""
+        path = self.state_dir / "persistence" / "unlock-attempts.json"
+        for bad in ("not json", '{"failures": -1, "not_before": 0}', '{"failures": 1}'):
+            path.write_text(bad)
+            with capturedLogs() as logs:
+                service = self.restarted()
+            self.assertTrue(any("unlock-attempts.json" in str(e) for e in logs), bad)
+            self.assertEqual(service.status().failed_attempts, 0)
+        self.unlock()
+
     def test_malformed_recovery_key_is_not_an_attempt(self) -> None:
         """A recovery key with a bad word count is InvalidCommand and not counted."""
         self.failureResultOf(self.service.unlock(recovery_key="one two"), InvalidCommand)
