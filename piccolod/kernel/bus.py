@@ -431,7 +431,10 @@ class Subscription:
             return
         self._unlogged_drops = 0
         self._drop_log_after = self._bus._seconds() + self._bus.drop_log_interval
-        self.log.warn(
+        # Events still queued when their subscriber cancels (at every stop)
+        # are expected losses: noted, not warned about.
+        self.log.emit(
+            LogLevel.info if reason == "cancelled" else LogLevel.warn,
             "subscription {name} on {pattern} dropped {count} event(s) ({reason}, "
             "policy {policy}); {dropped} dropped in total",
             name=self.name,
