@@ -60,6 +60,13 @@ class CorrelationStamper:
         self.observer(event)
 
 
+#: Twisted namespaces whose info lines say nothing to an operator: every
+#: new HTTP client connection (to podman, etcd, ACME) logs "Starting
+#: factory" and "Stopping factory".  Shown from ``warn`` at level ``info``,
+#: and in full at ``debug``.
+CHATTY_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory",)
+
+
 def observer_for(
     level: str = "info",
     format: str = "text",
@@ -90,4 +97,7 @@ def observer_for(
     )
     inner = make(stream)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+    if level == "info":
+        for namespace in CHATTY_NAMESPACES:
+            predicate.setLogLevelForNamespace(namespace, LogLevel.warn)
     return CorrelationStamper(FilteringLogObserver(inner, [predicate]))

@@ -31,6 +31,21 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(len(self.emit("error", "text")), 1)
         self.assertEqual(len(self.emit("debug", "text")), 3)
 
+    def test_http_client_connection_chatter_is_quiet_at_info(self) -> None:
+        """Twisted's per-connection factory lines show only at debug; its warnings always."""
+        namespace = "twisted.web.client._HTTP11ClientFactory"
+        for level, shown in (("info", ["problem"]), ("debug", ["Starting factory", "problem"])):
+            stream = io.StringIO()
+            publisher = LogPublisher(observer_for(level=level, stream=stream))
+            chatty = Logger(namespace=namespace, observer=publisher)
+            chatty.info("Starting factory")
+            chatty.warn("problem")
+            Logger(namespace="piccolod.test", observer=publisher).info("ours")
+            lines = stream.getvalue()
+            self.assertIn("ours", lines)
+            for text in ("Starting factory", "problem"):
+                self.assertEqual(text in lines, text in shown, (level, text, lines))
+
     def test_json_lines_have_stable_fields(self) -> None:
         """JSON format writes one parseable object per event with its named fields."""
         lines = self.emit("info", "json")
