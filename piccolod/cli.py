@@ -57,10 +57,14 @@ class ApiError(Exception):
         self.status = status
         self.problem = problem
 
+    @property
+    def kind(self) -> str:
+        """The last part of the problem's ``type`` (``unauthorized``, ``wrong-password``…)."""
+        return str(self.problem.get("type", "")).rsplit("/", 1)[-1] or "error"
+
     def __str__(self) -> str:
-        kind = str(self.problem.get("type", "")).rsplit("/", 1)[-1] or "error"
         detail = self.problem.get("detail") or self.problem.get("title")
-        return f"error {self.status} {kind}: {detail}"
+        return f"error {self.status} {self.kind}: {detail}"
 
     @property
     def exit_status(self) -> int:
@@ -491,7 +495,7 @@ async def run(
         )
     except ApiError as e:
         out.write(f"{e}\n")
-        if e.status == 401 and not client.token:
+        if e.status == 401 and not client.token and e.kind == "unauthorized":
             out.write("(log in with: piccolodctl login, or pass --token)\n")
         return e.exit_status
     except UsageFailure as e:

@@ -142,7 +142,10 @@ class CliAuthTests(SynchronousTestCase):
         """A wrong password exits 4; the lockout that follows exits 6."""
         self.setup_box()
         self.answers = ["wrong wrong", "wrong again", PASSWORD]
-        self.assertEqual(self.ctl("login")[0], EXIT_AUTH)
+        code, out = self.ctl("login")
+        self.assertEqual(code, EXIT_AUTH)
+        self.assertIn("wrong-password", out)
+        self.assertNotIn("piccolodctl login", out)  # no hint to log in: that was the attempt
         self.h.advance(1)
         self.assertEqual(self.ctl("login")[0], EXIT_AUTH)
         code, out = self.ctl("login")
