@@ -38,11 +38,12 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionRefusedError
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent
+from twisted.web.client import Agent, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -105,6 +106,39 @@ def default_socket() -> str:
         return "/run/podman/podman.sock"
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.geteuid()}")
     return f"{runtime_dir}/podman/podman.sock"
+
+
+class _LineStream(Protocol):
+    """
+    A streamed response body, one callback per non-empty line.  ``done``
+    fires when the body ends; cancelling it closes the connection (a
+    cancelled ``treq.collect`` would leave it open, and ``podman system
+    service`` waits for open streams before it exits on ``SIGTERM``).
+    """
+
+    def __init__(self, on_line: Callable[[bytes], None]) -> None:
+        self.on_line = on_line
+        self.buffer = b""
+        self.done: Deferred[None] = Deferred(lambda _: self.stop())
+
+    def stop(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            if line.strip():
+                self.on_line(line)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
 
 
 @implementer(IAgentEndpointFactory)
@@ -497,17 +531,9 @@ class PodmanRuntime:
                     unbuffered=True,
                 )
                 attempt = 0
-                buffer = b""
-
-                def collect(chunk: bytes) -> None:
-                    nonlocal buffer
-                    buffer += chunk
-                    while b"\n" in buffer:
-                        line, buffer = buffer.split(b"\n", 1)
-                        if line.strip():
-                            self._event_line(line)
-
-                await treq.collect(response, collect)
+                stream = _LineStream(self._event_line)
+                response.deliverBody(stream)
+                await stream.done
             except CancelledError:
                 raise
             except Exception as e:
@@ -572,12 +598,15 @@ class _ServiceProcess(ProcessProtocol):
     def __init__(self) -> None:
         self.ended: Deferred[None] = Deferred()
         self.output = bytearray()
+        #: How it ended (``ProcessDone`` or ``ProcessTerminated``), once it has.
+        self.reason: BaseException | None = None
 
     def errReceived(self, data: bytes) -> None:
         self.output += data
         del self.output[:-4000]
 
     def processEnded(self, reason: Failure) -> None:
+        self.reason = reason.value
         if not self.ended.called:
             self.ended.callback(None)
 

@@ -7,6 +7,7 @@ the loud fallback to the fake when podman is not usable.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -114,7 +115,11 @@ class PodmanPluginServiceTests(SynchronousTestCase):
         self.assertTrue(wait(service.image_exists(PODMAN.image)))
 
     def test_starts_podman_itself_and_stops_it_by_pid(self) -> None:
-        """Without a socket the service spawns podman system service and stops it on stop."""
+        """
+        Without a socket the service spawns podman system service and stops it on stop:
+        with the event stream open, podman exits on SIGTERM by itself (the stream's
+        connection is closed first), never by the SIGKILL that follows 10 s later.
+        """
         assert PODMAN is not None
         socket_path = str(PODMAN.root / "own" / "podman.sock")
         service, health = self.make(
@@ -125,9 +130,17 @@ class PodmanPluginServiceTests(SynchronousTestCase):
         wait(service.when_connected())
         self.assertEqual(service.kind, "podman")
         pid = service._process.pid
+        protocol = service._protocol
+        assert protocol is not None
+        events: list[Any] = []
+        service.watch(events.append)  # the daemon's controller always follows events
         self.assertTrue(wait(service.image_exists(PODMAN.image)))
         wait(service.stopService())
         settle(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), "podman to exit")
+        reason = protocol.reason
+        self.assertIsNotNone(reason)
+        self.assertNotEqual(getattr(reason, "signal", None), signal.SIGKILL, reason)
+        self.assertEqual(getattr(reason, "exitCode", None), 0, reason)
 
     def test_falls_back_to_the_fake_loudly(self) -> None:
         """An unusable podman makes the service run the fake and warn in health."""

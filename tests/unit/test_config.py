@@ -106,3 +106,8 @@ class ShippedConfigTests(SynchronousTestCase):
         settings = settle(c, {})
         self.assertEqual(settings.chosen["api"][0].variant, "http")
         self.assertEqual(settings.chosen["consensus"][0].variant, "single-node")
+        # A real box never keeps volumes in plaintext, and is found on the LAN.
+        self.assertEqual(settings.chosen["volumes"][0].variant, "gocryptfs")
+        self.assertEqual(settings.chosen["containers"][0].variant, "podman")
+        self.assertEqual(settings.chosen["mdns"][0].variant, "multicast")
+        self.assertEqual(c.subsystems["mdns"]["hostname"], "piccolo")
