@@ -45,6 +45,8 @@ from typing import IO, Any
 
 from twisted.python import usage
 
+from piccolod.cli_apps import WaitTimedOut
+
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_AUTH, EXIT_LOCKED, EXIT_RATE_LIMITED = 4, 5, 6
 
@@ -501,6 +503,9 @@ async def run(
     except UsageFailure as e:
         out.write(f"piccolodctl: {e}\n")
         return EXIT_USAGE
+    except WaitTimedOut as e:
+        out.write(f"piccolodctl: {e}\n")
+        return EXIT_API
     except ConnectError as e:
         out.write(f"piccolodctl: cannot reach piccolod at {base}: {e}\n")
         return EXIT_UNREACHABLE
@@ -576,7 +581,7 @@ async def _command(
     if command == "app":
         from piccolod.cli_apps import run_app
 
-        answer, text = await run_app(_AuthenticatedTreq(client), client.base, sub)
+        answer, text = await run_app(_AuthenticatedTreq(client), client.base, sub, reactor)
         return text, answer
     if command == "remote":
         from piccolod.cli_remote import json_request, run_remote

@@ -12,10 +12,14 @@ Subcommands::
 
     piccolodctl app list
     piccolodctl app get NAME
-    piccolodctl app install FILE.yaml        (- reads standard input)
+    piccolodctl app install [--wait] FILE.yaml        (- reads standard input)
     piccolodctl app validate FILE.yaml
-    piccolodctl app start|stop|revert NAME
-    piccolodctl app update --image REF | --spec FILE.yaml NAME
+    piccolodctl app start|stop|revert [--wait] NAME
+    piccolodctl app update [--wait] --image REF | --spec FILE.yaml NAME
+
+``--wait`` (``--timeout`` seconds, default 60) polls the app until the
+controller has acted on the change (``observed_generation`` reaches the
+generation) and prints the outcome; it gives up with exit status 1.
     piccolodctl app remove [--purge] NAME
     piccolodctl app logs [--tail N] NAME
     piccolodctl app services [NAME]
@@ -30,7 +34,13 @@ from urllib.parse import quote
 
 from twisted.python import usage
 
-__all__ = ["AppOptions", "format_apps", "run_app"]
+__all__ = ["AppOptions", "WaitTimedOut", "format_apps", "run_app"]
+
+
+_WAIT_FLAGS = [["wait", "w", "Wait until the controller has acted on the change."]]
+_WAIT_PARAMETERS = [
+    ["timeout", None, 60.0, "With --wait: give up after this many seconds.", float],
+]
 
 
 class _Name(usage.Options):
@@ -38,15 +48,29 @@ class _Name(usage.Options):
         self["name"] = name
 
 
+class _Change(_Name):
+    """start, stop, revert: NAME [--wait [--timeout S]]."""
+
+    optFlags = _WAIT_FLAGS
+    optParameters = _WAIT_PARAMETERS
+
+
 class _File(usage.Options):
     def parseArgs(self, path: str) -> None:  # type: ignore[override]
         self["file"] = path
 
 
+class _Install(_File):
+    optFlags = _WAIT_FLAGS
+    optParameters = _WAIT_PARAMETERS
+
+
 class _Update(usage.Options):
+    optFlags = _WAIT_FLAGS
     optParameters = [
         ["image", "i", None, "The new image reference."],
         ["spec", "s", None, "A YAML file with the new spec."],
+        *_WAIT_PARAMETERS,
     ]
 
     def parseArgs(self, name: str) -> None:  # type: ignore[override]
@@ -81,12 +105,12 @@ class AppOptions(usage.Options):
     subCommands = [
         ["list", None, usage.Options, "Every app with its state."],
         ["get", None, _Name, "One app: spec and status."],
-        ["install", None, _File, "Install or replace an app from a YAML spec."],
+        ["install", None, _Install, "Install or replace an app from a YAML spec."],
         ["validate", None, _File, "Check a YAML spec (every error is listed)."],
-        ["start", None, _Name, "Start an app."],
-        ["stop", None, _Name, "Stop an app."],
+        ["start", None, _Change, "Start an app."],
+        ["stop", None, _Change, "Stop an app."],
         ["update", None, _Update, "Change an app's image or spec."],
-        ["revert", None, _Name, "Go back to the spec before the last update."],
+        ["revert", None, _Change, "Go back to the spec before the last update."],
         ["remove", None, _Remove, "Uninstall an app."],
         ["logs", None, _Logs, "An app's container output."],
         ["services", None, _Services, "Routes and ports (of one app)."],
@@ -166,9 +190,53 @@ def _format_routes(body: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-async def run_app(treq: Any, base: str, options: AppOptions) -> tuple[Any, str]:
-    """Run one ``app`` subcommand; returns (JSON body, text to print)."""
+class WaitTimedOut(Exception):
+    """``--wait`` gave up: the controller has not acted on the change in time."""
+
+
+async def _converged(
+    treq: Any, url: str, body: Any, timeout: float, clock: Any, interval: float = 0.25
+) -> Any:
+    """
+    Poll the app until its ``observed_generation`` reaches its generation
+    (the controller has acted on the change: running, stopped, or an error
+    it reports); raises :class:`WaitTimedOut` after ``timeout`` seconds.
+    """
+    from twisted.internet.task import deferLater
+
+    if clock is None:
+        from twisted.internet import reactor as clock
+    deadline = clock.seconds() + timeout
+    while True:
+        app = body["app"]
+        if (app.get("status") or {}).get("observed_generation", 0) >= app["generation"]:
+            return body
+        if clock.seconds() >= deadline:
+            raise WaitTimedOut(
+                f"{app['name']} did not converge within {timeout:g} s:\n{_format_app(body)}"
+            )
+        await deferLater(clock, interval, lambda: None)
+        body = await _call(treq, "GET", url)
+
+
+async def run_app(
+    treq: Any, base: str, options: AppOptions, clock: Any = None
+) -> tuple[Any, str]:
+    """
+    Run one ``app`` subcommand; returns (JSON body, text to print).  With
+    ``--wait``, install, start, stop, update and revert poll the app on
+    ``clock`` (the global reactor by default) until it has converged.
+    """
     command, sub = options.subCommand, options.subOptions
+    body, text = await _run(treq, base, command, sub)
+    if sub is not None and sub.get("wait") and "app" in (body or {}):
+        url = f"{base}/api/v1/apps/{quote(body['app']['name'], safe='')}"
+        body = await _converged(treq, url, body, float(sub["timeout"]), clock)
+        text = _format_app(body)
+    return body, text
+
+
+async def _run(treq: Any, base: str, command: str | None, sub: Any) -> tuple[Any, str]:
     apps = f"{base}/api/v1/apps"
     name = quote(sub.get("name") or "", safe="") if sub is not None else ""
     yaml = b"application/yaml"

@@ -13,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from piccolod.api.apps import app_routes
 from piccolod.api.http import Router
 from piccolod.cli import ApiError
-from piccolod.cli_apps import AppOptions, run_app
+from piccolod.cli_apps import AppOptions, WaitTimedOut, run_app
+from piccolod.errors import TransientError
 from tests.unit.test_apps_support import SPEC, Harness
 
 BASE = "http://piccolo.local"
@@ -59,6 +60,43 @@ class AppCLITests(SynchronousTestCase):
         self.assertIn("stopped", text)
         _, text = self.app("remove", "--purge", "web")
         self.assertEqual(text, "web removed and purged")
+
+    def waiting(self, *argv: str) -> Deferred[tuple[Any, str]]:
+        """Run an app command with the harness clock, advancing it until it finishes."""
+        options = AppOptions()
+        options.parseOptions(list(argv))
+        d = Deferred.fromCoroutine(run_app(self.treq, BASE, options, self.h.clock))
+        for _ in range(400):
+            if d.called:
+                break
+            self.treq.flush()
+            self.h.advance(0.05, step=0.05)
+        return d
+
+    def test_wait_polls_until_the_controller_has_acted(self) -> None:
+        """install --wait returns only once observed_generation reaches the generation."""
+        self.h.runtime.fail_next("start", TransientError("runtime hiccup"))
+        body, text = self.successResultOf(self.waiting("install", "--wait", str(self.spec)))
+        status = body["app"]["status"]
+        self.assertEqual(status["observed_generation"], body["app"]["generation"])
+        self.assertEqual(status["state"], "running")
+        self.assertIn("web: running (generation 1, observed 1)", text)
+        body, text = self.successResultOf(self.waiting("stop", "--wait", "web"))
+        self.assertEqual(body["app"]["status"]["observed_generation"], 2)
+        self.assertIn("web: stopped (generation 2, observed 2)", text)
+
+    def test_wait_gives_up_after_its_timeout(self) -> None:
+        """With the controller stopped, --wait --timeout 2 fails with the app's last status."""
+        self.app("install", str(self.spec))
+        self.h.apps.controller.stopService()
+        self.h.settle()
+        d = self.waiting("stop", "--wait", "--timeout", "2", "web")
+        error = self.failureResultOf(d, WaitTimedOut).value
+        self.assertIn("web did not converge within 2 s", str(error))
+        self.assertIn("generation 2, observed 1", str(error))
+        self.h.apps.controller.startService()  # it acts on the change once it runs again
+        body, _ = self.successResultOf(self.waiting("get", "web"))
+        self.assertEqual(body["app"]["status"]["observed_generation"], 2)
 
     def test_update_by_image(self) -> None:
         """app update --image changes the image and bumps the generation."""
