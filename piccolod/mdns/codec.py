@@ -16,9 +16,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from io import BytesIO
-from typing import IO
+from typing import IO, Any
 
 from twisted.names import dns
+
+from piccolod.mdns.records import NSEC, Record_NSEC
 
 __all__ = [
     "MAX_PACKET",
@@ -45,7 +47,15 @@ class MalformedPacket(ValueError):
 
 
 class _StrictMessage(dns.Message):
-    """A ``dns.Message`` whose record parsing refuses short or inconsistent rdata."""
+    """
+    A ``dns.Message`` whose record parsing refuses short or inconsistent
+    rdata, and that knows NSEC (which twisted.names does not).
+    """
+
+    def lookupRecordType(self, type: int) -> Any:
+        if type == NSEC:
+            return Record_NSEC
+        return super().lookupRecordType(type)  # type: ignore[no-untyped-call]
 
     def parseRecords(self, list: list[dns.RRHeader], num: int, strio: IO[bytes]) -> None:
         for _ in range(num):

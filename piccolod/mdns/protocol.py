@@ -675,7 +675,10 @@ class Responder:
                 continue
             qu = bool(question.cls & QU_BIT)
             fresh: list[Record] = []
-            for record in zone.lookup(question.name.name, question.type):
+            name = question.name.name
+            # RFC 6762 §6.1: a type our unique name lacks is answered with its NSEC.
+            matched = zone.lookup(name, question.type) or zone.negative(name, question.type)
+            for record in matched:
                 if record.ident in chosen:
                     continue
                 known_ttl = known.get(record.ident)

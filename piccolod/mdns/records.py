@@ -10,6 +10,14 @@ the active records of one interface for answering questions.
 TTLs follow RFC 6762 §10: 120 s for records whose name or rdata holds a host
 name (A, AAAA, SRV), 4500 s (75 min) for the rest (PTR, TXT).
 
+Negative answers (RFC 6762 §6.1): every unique name of the zone (the host
+name, each service instance) has an NSEC record in the restricted mDNS
+form (next domain name = the name itself, one bitmap window for types
+below 256) listing the types it has; :meth:`Zone.negative` answers a
+question for a type it lacks with it, and :meth:`Zone.additionals` adds
+the host's NSEC when the host has only one address family.
+twisted.names has no NSEC type: :class:`Record_NSEC` encodes it.
+
 Names are ``bytes`` in dotted form without the trailing dot, as
 ``twisted.names.dns.Name`` holds them; comparisons are ASCII
 case-insensitive (``name.lower()``).
@@ -35,11 +43,13 @@ __all__ = [
     "HOST_TTL",
     "MDNS_GROUP",
     "MDNS_PORT",
+    "NSEC",
     "OTHER_TTL",
     "QU_BIT",
     "SERVICES_ENUM",
     "InvalidService",
     "Record",
+    "Record_NSEC",
     "ServiceSpec",
     "Zone",
     "canonical_rdata",
@@ -49,6 +59,7 @@ __all__ = [
     "is_valid_host_label",
     "next_host_label",
     "next_instance_label",
+    "nsec_record",
     "rdata_a",
     "rdata_aaaa",
     "rdata_ptr",
@@ -181,6 +192,74 @@ def rdata_srv(priority: int, weight: int, port: int, target: bytes) -> Any:
 
 def rdata_txt(*strings: bytes) -> Any:
     return dns.Record_TXT(*strings)  # type: ignore[no-untyped-call]
+
+
+#: The NSEC record type (RFC 4034), absent from twisted.names.
+NSEC = 47
+
+
+class Record_NSEC:  # noqa: N801 - named like twisted.names' record classes
+    """
+    The rdata of an NSEC record in the restricted form mDNS uses (RFC 6762
+    §6.1): the next domain name (the record's own name) and a type bitmap
+    with one window (block 0: types 1-255).  Implements
+    ``twisted.names.dns.IEncodable`` so a ``dns.RRHeader`` can carry it.
+    """
+
+    TYPE = NSEC
+    fancybasename = "NSEC"
+
+    def __init__(self, next_name: bytes = b"", types: Iterable[int] = (), ttl: int = 0) -> None:
+        self.next = dns.Name(next_name)
+        self.types = frozenset(types)
+        if any(not 0 < t < 256 for t in self.types):
+            raise ValueError("the mDNS NSEC form holds types 1-255 only")
+        self.ttl = ttl
+
+    def encode(self, strio: Any, compDict: Any = None) -> None:
+        # RFC 6762 §18.14: the next domain name is not compressed in NSEC.
+        self.next.encode(strio, None)  # type: ignore[no-untyped-call]
+        if not self.types:
+            return
+        bitmap = bytearray(max(self.types) // 8 + 1)
+        for t in self.types:
+            bitmap[t // 8] |= 0x80 >> (t % 8)
+        strio.write(bytes((0, len(bitmap))) + bytes(bitmap))
+
+    def decode(self, strio: Any, length: int | None = None) -> None:
+        start = strio.tell()
+        self.next = dns.Name()
+        self.next.decode(strio)  # type: ignore[no-untyped-call]
+        rest = b"" if length is None else strio.read(length - (strio.tell() - start))
+        types: set[int] = set()
+        while len(rest) >= 2:
+            window, size = rest[0], rest[1]
+            bitmap, rest = rest[2 : 2 + size], rest[2 + size :]
+            if len(bitmap) != size or not 0 < size <= 32:
+                raise ValueError("malformed NSEC type bitmap")
+            for index, byte in enumerate(bitmap):
+                for bit in range(8):
+                    if byte & (0x80 >> bit):
+                        types.add(window * 256 + index * 8 + bit)
+        if rest:
+            raise ValueError("malformed NSEC type bitmap")
+        self.types = frozenset(types)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Record_NSEC):
+            return NotImplemented
+        return (self.next, self.types) == (other.next, other.types)
+
+    def __hash__(self) -> int:
+        return hash((self.next, self.types))
+
+    def __repr__(self) -> str:
+        return f"<NSEC next={self.next.name!r} types={sorted(self.types)}>"
+
+
+def nsec_record(name: bytes, types: Iterable[int]) -> Record:
+    """The NSEC of a unique name we own: ``name`` has exactly ``types``."""
+    return Record.make(name, NSEC, HOST_TTL, Record_NSEC(name, types), True)
 
 
 def _payload_bytes(payload: Any) -> bytes:
@@ -379,6 +458,8 @@ class Zone:
     records: list[Record]
     _by_key: dict[tuple[bytes, int], list[Record]] = attrs.field(init=False, factory=dict)
     _by_name: dict[bytes, list[Record]] = attrs.field(init=False, factory=dict)
+    _nsec: dict[bytes, Record] = attrs.field(init=False, factory=dict)
+    #: Every record the zone may send: its records and their names' NSECs.
     idents: frozenset[Ident] = attrs.field(init=False, default=frozenset())
 
     def __attrs_post_init__(self) -> None:
@@ -392,13 +473,35 @@ class Zone:
             self._by_key.setdefault(record.key, []).append(record)
             self._by_name.setdefault(record.key[0], []).append(record)
         self.records = unique
+        for name, records in self._by_name.items():
+            if any(r.unique for r in records):
+                nsec = nsec_record(records[0].name, {r.rtype for r in records})
+                self._nsec[name] = nsec
+                seen.add(nsec.ident)
         self.idents = frozenset(seen)
 
     def lookup(self, name: bytes, qtype: int) -> list[Record]:
-        """Records answering a question (``qtype`` 255 is ANY)."""
+        """
+        Records answering a question (``qtype`` 255 is ANY; the NSEC
+        records answer only a question for NSEC itself).
+        """
         if qtype == dns.ALL_RECORDS:
             return self._by_name.get(name.lower(), [])
+        if qtype == NSEC:
+            nsec = self._nsec.get(name.lower())
+            return [] if nsec is None else [nsec]
         return self._by_key.get((name.lower(), qtype), [])
+
+    def negative(self, name: bytes, qtype: int) -> list[Record]:
+        """
+        RFC 6762 §6.1: the NSEC of a unique name of ours that has no record
+        of ``qtype`` (nothing for names that are not ours, shared names, ANY).
+        """
+        key = name.lower()
+        nsec = self._nsec.get(key)
+        if nsec is None or qtype in (dns.ALL_RECORDS, NSEC) or (key, qtype) in self._by_key:
+            return []
+        return [nsec]
 
     def has_name(self, name: bytes) -> bool:
         return name.lower() in self._by_name
@@ -407,7 +510,9 @@ class Zone:
         """
         Additional records for ``answers`` (RFC 6763 §12, RFC 6762 §6.2): SRV
         and TXT of a PTR's instance, the addresses of an SRV's target, the
-        other address family of an address record.  Nothing in ``exclude``.
+        other address family of an address record, and the host's NSEC
+        when it lacks one family (RFC 6762 §6.1: the querier need not ask
+        for it).  Nothing in ``exclude``.
         """
         out: list[Record] = []
         chosen = set(exclude)
@@ -418,6 +523,13 @@ class Zone:
                     chosen.add(record.ident)
                     out.append(record)
 
+        def addresses(host: bytes) -> None:
+            a, aaaa = self.lookup(host, dns.A), self.lookup(host, dns.AAAA)
+            add(a)
+            add(aaaa)
+            if (a or aaaa) and not (a and aaaa):
+                add(self.lookup(host, NSEC))
+
         for record in answers:
             if record.rtype == dns.PTR and record.name.lower() != SERVICES_ENUM:
                 target = record.payload.name.name
@@ -425,15 +537,14 @@ class Zone:
                 add(srv)
                 add(self.lookup(target, dns.TXT))
                 for s in srv:
-                    add(self.lookup(s.payload.target.name, dns.A))
-                    add(self.lookup(s.payload.target.name, dns.AAAA))
+                    addresses(s.payload.target.name)
             elif record.rtype == dns.SRV:
-                add(self.lookup(record.payload.target.name, dns.A))
-                add(self.lookup(record.payload.target.name, dns.AAAA))
-            elif record.rtype == dns.A:
-                add(self.lookup(record.name, dns.AAAA))
-            elif record.rtype == dns.AAAA:
-                add(self.lookup(record.name, dns.A))
+                addresses(record.payload.target.name)
+            elif record.rtype in (dns.A, dns.AAAA):
+                other = self.lookup(record.name, dns.AAAA if record.rtype == dns.A else dns.A)
+                add(other)
+                if not other:
+                    add(self.lookup(record.name, NSEC))
         return out
 
 

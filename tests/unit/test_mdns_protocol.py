@@ -13,6 +13,7 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
+import zeroconf
 from twisted.internet.task import Clock
 from twisted.internet.testing import FakeDatagramTransport
 from twisted.names import dns
@@ -20,7 +21,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from piccolod.events import HealthLevel
 from piccolod.mdns.protocol import LAST_MULTICAST_LIMIT, ClaimState, MdnsProtocol, Responder
-from piccolod.mdns.records import CACHE_FLUSH, QU_BIT, ServiceSpec, host_records
+from piccolod.mdns.records import (
+    CACHE_FLUSH,
+    NSEC,
+    QU_BIT,
+    Record_NSEC,
+    ServiceSpec,
+    host_records,
+)
 from piccolod.mdns.testing import query, response, rr_a, rr_ptr, rr_srv, written
 
 HOST = b"piccolo.local"
@@ -490,8 +498,71 @@ class AnsweringTests(SynchronousTestCase):
         ((message, _),) = h.sent()
         self.assertEqual(names_of(message.answers), {(HTTP, dns.PTR)})
         self.assertEqual(
-            names_of(message.additional), {(PORTAL, dns.SRV), (PORTAL, dns.TXT), (HOST, dns.A)}
+            names_of(message.additional),
+            {(PORTAL, dns.SRV), (PORTAL, dns.TXT), (HOST, dns.A), (HOST, NSEC)},
         )
+
+    def test_missing_type_of_our_name_is_answered_with_nsec(self) -> None:
+        """
+        RFC 6762 §6.1: an AAAA question for our IPv4-only host name gets an NSEC (next
+        name = the name, types = {A}) at once, which python-zeroconf decodes independently.
+        """
+        h = Harness()
+        h.settle()
+        h.receive(query((HOST, dns.AAAA)))
+        ((raw, dest),) = h.transports[0].written
+        ((message, _),) = h.sent()
+        self.assertEqual(dest, GROUP)
+        ((rr,),) = [message.answers]
+        self.assertEqual((rr.name.name, rr.type, rr.ttl), (HOST, NSEC, 120))
+        self.assertTrue(rr.cls & CACHE_FLUSH)
+        self.assertEqual((rr.payload.next.name, rr.payload.types), (HOST, {dns.A}))
+        (nsec,) = zeroconf.DNSIncoming(raw).answers()
+        assert isinstance(nsec, zeroconf.DNSNsec)
+        self.assertEqual(
+            (nsec.name, nsec.next_name, nsec.rdtypes, nsec.unique),
+            ("piccolo.local.", "piccolo.local.", [dns.A], True),
+        )
+
+    def test_instance_name_nsec_lists_srv_and_txt(self) -> None:
+        """A question for an address type of a service instance name gets NSEC {TXT, SRV}."""
+        h = Harness()
+        h.settle()
+        h.receive(query((PORTAL, dns.A)), LEGACY)
+        ((message, dest),) = h.sent()
+        self.assertEqual(dest, LEGACY)
+        ((rr,),) = [message.answers]
+        self.assertEqual((rr.name.name, rr.type), (PORTAL, NSEC))
+        self.assertLessEqual(rr.ttl, 10)  # legacy unicast
+        self.assertEqual(rr.payload.types, {dns.SRV, dns.TXT})
+
+    def test_no_nsec_for_names_that_are_not_ours_or_shared(self) -> None:
+        """Other names, shared (PTR) names and ANY questions never get an NSEC."""
+        h = Harness()
+        h.settle()
+        h.receive(query((b"other.local", dns.AAAA), (HTTP, dns.SRV), (ENUM, dns.TXT)), LEGACY)
+        self.assertEqual(h.sent(), [])
+        h.receive(query((HOST, dns.ALL_RECORDS)), LEGACY)
+        self.assertEqual(names_of(answers(h.sent())), {(HOST, dns.A)})
+
+    def test_known_nsec_suppresses_the_negative_answer(self) -> None:
+        """A querier that already holds our NSEC (TTL above half) gets no answer."""
+        h = Harness()
+        h.settle()
+        known = dns.RRHeader(HOST, NSEC, 1 | CACHE_FLUSH, 120, Record_NSEC(HOST, {dns.A}))
+        h.receive(query((HOST, dns.AAAA), known=[known]))
+        self.assertEqual(h.sent(), [])
+        stale = dns.RRHeader(HOST, NSEC, 1 | CACHE_FLUSH, 30, Record_NSEC(HOST, {dns.A}))
+        h.receive(query((HOST, dns.AAAA), known=[stale]))
+        self.assertEqual(names_of(answers(h.sent())), {(HOST, NSEC)})
+
+    def test_a_answer_asserts_there_is_no_aaaa(self) -> None:
+        """An A answer of an IPv4-only host carries its NSEC as an additional record."""
+        h = Harness()
+        h.settle()
+        h.receive(query((HOST, dns.A)), LEGACY)
+        ((message, _),) = h.sent()
+        self.assertEqual(names_of(message.additional), {(HOST, NSEC)})
 
     def test_shared_answers_are_delayed_and_aggregated(self) -> None:
         """PTR answers wait 20-120 ms and answers to several queries go out in one packet."""
@@ -780,8 +851,8 @@ class DefenceTests(SynchronousTestCase):
         for i in range(LAST_MULTICAST_LIMIT + 50):
             h.proto.send_multicast_records(host_records(f"gone{i}", ADDR))
         self.assertLessEqual(len(h.proto._last_multicast), LAST_MULTICAST_LIMIT + 1)
-        for ident in h.responder.zone(h.proto).idents:
-            self.assertIsNotNone(h.proto.last_multicast(ident))
+        for record in h.responder.zone(h.proto).records:
+            self.assertIsNotNone(h.proto.last_multicast(record.ident))
 
 
 class HealthTests(SynchronousTestCase):

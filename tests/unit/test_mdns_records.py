@@ -163,17 +163,22 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(canonical_rdata(dns.PTR, object()), b"?")
 
 
+def sample_zone() -> Zone:
+    """A dual-stack host with the portal and an ssh app."""
+    spec = ServiceSpec("portal", "piccolo", "_http._tcp", 8080)
+    ssh = ServiceSpec("app/ssh", "app-ssh", "_ssh._tcp", 22)
+    return Zone(
+        [
+            *host_records("piccolo", "192.0.2.1", ["fd00::1"]),
+            *service_records("piccolo", spec, "piccolo"),
+            *service_records("app-ssh", ssh, "piccolo"),
+        ]
+    )
+
+
 class ZoneTests(SynchronousTestCase):
     def zone(self) -> Zone:
-        spec = ServiceSpec("portal", "piccolo", "_http._tcp", 8080)
-        ssh = ServiceSpec("app/ssh", "app-ssh", "_ssh._tcp", 22)
-        return Zone(
-            [
-                *host_records("piccolo", "192.0.2.1", ["fd00::1"]),
-                *service_records("piccolo", spec, "piccolo"),
-                *service_records("app-ssh", ssh, "piccolo"),
-            ]
-        )
+        return sample_zone()
 
     def test_lookup_by_name_and_type_case_insensitively(self) -> None:
         """Lookups ignore case; ANY returns every record of the name."""
@@ -213,6 +218,52 @@ class ZoneTests(SynchronousTestCase):
         excluded = {r.ident for r in z.lookup(b"piccolo.local", dns.ALL_RECORDS)}
         srv = z.lookup(b"piccolo._http._tcp.local", dns.SRV)
         self.assertEqual(z.additionals(srv, excluded), [])
+
+
+class NsecTests(SynchronousTestCase):
+    def test_encoding_is_the_restricted_mdns_form(self) -> None:
+        """Next name uncompressed, one window: A(1) TXT(16) AAAA(28) SRV(33) in 5 bytes."""
+        from io import BytesIO
+
+        out = BytesIO()
+        records.Record_NSEC(b"piccolo.local", {1, 16, 28, 33}).encode(out, {})
+        name = b"\x07piccolo\x05local\x00"
+        self.assertEqual(out.getvalue(), name + bytes([0, 5, 0x40, 0x00, 0x80, 0x08, 0x40]))
+
+    def test_round_trip_through_the_strict_codec(self) -> None:
+        """An NSEC in a response decodes back to the same next name and types."""
+        nsec = records.nsec_record(b"piccolo.local", {dns.A})
+        (packet,) = encode_responses([nsec.rr()], [])
+        (rr,) = decode(packet).answers
+        self.assertEqual((rr.type, rr.payload), (records.NSEC, nsec.payload))
+        self.assertEqual(records.rr_ident(rr), nsec.ident)
+
+    def test_malformed_bitmaps_are_refused(self) -> None:
+        """A bitmap longer than its data, of size 0 or 33, or trailing bytes: MalformedPacket."""
+        name = b"\x01x\x05local\x00"
+        for bitmap in (bytes([0, 4, 0x40]), bytes([0, 0]), bytes([0, 33]) + bytes(33), b"\x00"):
+            rdata = name + bitmap
+            header = bytes([0] * 2 + [0x84, 0] + [0, 0, 0, 1, 0, 0, 0, 0])
+            rr = name + bytes([0, 47, 0, 1, 0, 0, 0, 120]) + len(rdata).to_bytes(2, "big") + rdata
+            self.assertRaises(MalformedPacket, decode, header + rr)
+
+    def test_types_outside_the_first_window_are_refused(self) -> None:
+        """The mDNS form holds types 1-255 only."""
+        self.assertRaises(ValueError, records.Record_NSEC, b"x.local", {256})
+
+    def test_zone_nsec_per_unique_name(self) -> None:
+        """Unique names get an NSEC of their types; shared names none; negative() as RFC 6762."""
+        z = sample_zone()
+        host = z.lookup(b"piccolo.local", records.NSEC)
+        self.assertEqual([r.payload.types for r in host], [{dns.A, dns.AAAA}])
+        self.assertEqual(z.negative(b"piccolo.local", dns.MX), host)
+        self.assertEqual(z.negative(b"piccolo.local", dns.A), [])
+        self.assertEqual(z.negative(b"piccolo.local", dns.ALL_RECORDS), [])
+        self.assertEqual(z.negative(b"_http._tcp.local", dns.SRV), [])
+        self.assertEqual(z.negative(b"elsewhere.local", dns.A), [])
+        instance = z.negative(b"PICCOLO._http._tcp.local", dns.A)
+        self.assertEqual([r.payload.types for r in instance], [{dns.SRV, dns.TXT}])
+        self.assertTrue(all(r.ident in z.idents for r in (*host, *instance)))
 
 
 class CodecTests(SynchronousTestCase):
