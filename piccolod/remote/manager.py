@@ -921,8 +921,13 @@ class RemoteManager(Service):
                 HealthLevel.WARN,
                 "; ".join(f"{h}: {s.last_error}" for h, s in sorted(errors.items())),
             )
+        elif self._cert_status:
+            count = len(self._cert_status)
+            self.health.report(
+                ACME_HEALTH, HealthLevel.OK, f"{count} certificate(s), none failing"
+            )
         else:
-            self.health.report(ACME_HEALTH, HealthLevel.OK, "no certificate error")
+            self.health.report(ACME_HEALTH, HealthLevel.OK, "no certificates configured")
 
     # ------------------------------------------------------------------
     # Commands

@@ -198,6 +198,8 @@ class LockTests(ManagerCase):
         )
         self.assertEqual(self.h.tunnel.exposed(), {})
         self.assertEqual(status.device_public_key, "")
+        acme = self.h.health.component("remote.acme")
+        self.assertEqual((acme.level, acme.message), (HealthLevel.OK, "no certificates configured"))
 
     def test_lock_stops_tunnels_routes_and_forgets_secrets(self) -> None:
         """Locking withdraws every route, stops tunnels and TLS, and drops secrets from memory."""
@@ -528,6 +530,10 @@ class CertificateTests(ManagerCase):
         self.assertEqual(tls.routes[PORTAL], ("127.0.0.1", 8080))
         self.assertEqual(len(self.acme.validated), 2)  # each token was published when asked
         self.assertEqual(self.h.manager._challenges, {})  # and withdrawn after
+        acme = self.h.health.component("remote.acme")
+        self.assertEqual(
+            (acme.level, acme.message), (HealthLevel.OK, "2 certificate(s), none failing")
+        )
 
     def test_challenge_served_only_while_pending(self) -> None:
         """remote.acme_challenge answers a pending token's key authorization, else NotFound."""
