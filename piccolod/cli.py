@@ -319,6 +319,18 @@ def _app_options() -> usage.Options:
     return AppOptions()  # type: ignore[no-untyped-call]
 
 
+def _export_options() -> usage.Options:
+    from piccolod.cli_exports import ExportOptions
+
+    return ExportOptions()  # type: ignore[no-untyped-call]
+
+
+def _exports_options() -> usage.Options:
+    from piccolod.cli_exports import ExportsOptions
+
+    return ExportsOptions()  # type: ignore[no-untyped-call]
+
+
 def _remote_options() -> usage.Options:
     from piccolod.cli_remote import RemoteOptions
 
@@ -351,6 +363,8 @@ class Options(usage.Options):
         ["job", None, IdOptions, "One job."],
         ["cancel", None, IdOptions, "Cancel a queued or running job."],
         ["metrics", None, usage.Options, "The Prometheus metrics text."],
+        ["export", None, _export_options, "Back up: write a bundle on the box, --output it here."],
+        ["exports", None, _exports_options, "Bundles on the box: list, download, delete."],
         ["app", None, _app_options, "Apps: install, list, get, start, stop, update, revert…"],
         ["remote", None, _remote_options, "Remote access: tunnels, certificates."],
     ]
@@ -583,6 +597,14 @@ async def _command(
 
         answer, text = await run_app(_AuthenticatedTreq(client), client.base, sub, reactor)
         return text, answer
+    if command == "export":
+        from piccolod.cli_exports import run_export
+
+        return await run_export(client, sub)
+    if command == "exports":
+        from piccolod.cli_exports import run_exports
+
+        return await run_exports(client, sub)
     if command == "remote":
         from piccolod.cli_remote import json_request, run_remote
 

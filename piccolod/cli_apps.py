@@ -205,7 +205,7 @@ async def _converged(
     from twisted.internet.task import deferLater
 
     if clock is None:
-        from twisted.internet import reactor as clock
+        raise ValueError("--wait needs the reactor (run_app's clock)")
     deadline = clock.seconds() + timeout
     while True:
         app = body["app"]
@@ -225,7 +225,7 @@ async def run_app(
     """
     Run one ``app`` subcommand; returns (JSON body, text to print).  With
     ``--wait``, install, start, stop, update and revert poll the app on
-    ``clock`` (the global reactor by default) until it has converged.
+    ``clock`` (the reactor ``piccolodctl`` runs on) until it has converged.
     """
     command, sub = options.subCommand, options.subOptions
     body, text = await _run(treq, base, command, sub)

@@ -18,6 +18,7 @@ Results are attrs values too (subclasses of :class:`Result`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
@@ -380,6 +381,49 @@ class RunFullExport(Command):
     timeout: ClassVar[float | None] = 1800.0
 
 
+#: The export kinds (``persistence.run_<kind>_export``).
+EXPORT_KINDS = ("control", "full")
+#: What a bundle on the box is called (see ``persistence.exports``).
+EXPORT_NAME = r"^piccolod-(control|full)-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}\.tar$"
+
+
+_export_kind = one_of(*EXPORT_KINDS)
+
+
+def _export_name(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or re.fullmatch(EXPORT_NAME, value) is None:
+        raise InvalidCommand(f"{attribute.name} is not the name of an export bundle")
+
+
+@attrs.frozen
+class ListExports(Command):
+    """The export bundles on the box, newest first (``ExportList``)."""
+
+    name: ClassVar[str] = "persistence.list_exports"
+    audit: ClassVar[bool] = False
+
+
+@attrs.frozen
+class OpenExport(Command):
+    """
+    Where one bundle is, for the API to send it (``ExportFile``); admin
+    only: a bundle holds the keyset (wrapped keys) and every ciphertext.
+    """
+
+    name: ClassVar[str] = "persistence.open_export"
+    kind: str = attrs.field(validator=_export_kind)
+    bundle: str = attrs.field(validator=_export_name)
+
+
+@attrs.frozen
+class DeleteExport(Command):
+    """Remove one bundle from the box (``ExportEntry`` of what was removed)."""
+
+    name: ClassVar[str] = "persistence.delete_export"
+    kind: str = attrs.field(validator=_export_kind)
+    bundle: str = attrs.field(validator=_export_name)
+
+
 @attrs.frozen
 class ImportBundle(Command):
     """Restore a bundle into an empty state dir (then unlock with its password)."""
@@ -439,7 +483,11 @@ class VolumeResult(Result):
 
 @attrs.frozen
 class ExportDone(Result):
-    """A bundle was written."""
+    """
+    A bundle was written.  ``name`` is what ``GET
+    /api/v1/exports/{kind}/{name}`` downloads; ``pruned`` the older bundles
+    of the kind removed to keep ``keep_exports``.
+    """
 
     kind: str
     path: str
@@ -447,6 +495,36 @@ class ExportDone(Result):
     size: int
     files: int
     created_at: float
+    name: str = ""
+    pruned: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class ExportEntry(Result):
+    """One bundle on the box."""
+
+    kind: str
+    name: str
+    size: int
+    created_at: float
+
+
+@attrs.frozen
+class ExportList(Result):
+    """The bundles on the box, newest first, and how many of each kind are kept."""
+
+    exports: tuple[ExportEntry, ...] = ()
+    keep: int = 0
+
+
+@attrs.frozen
+class ExportFile(Result):
+    """Where a bundle is on this node's disk (the API streams it)."""
+
+    kind: str
+    name: str
+    path: str
+    size: int
 
 
 @attrs.frozen

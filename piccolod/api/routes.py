@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -43,12 +44,18 @@ from twisted.web.server import Request
 
 import piccolod
 from piccolod.commands import (
+    EXPORT_KINDS,
+    EXPORT_NAME,
     ChangePassword,
     Command,
     CommandContext,
+    DeleteExport,
+    ExportFile,
     GetStorageStatus,
     ListDevices,
+    ListExports,
     LockStorage,
+    OpenExport,
     Result,
     RotateRecoveryKey,
     RunControlExport,
@@ -81,7 +88,7 @@ from .auth import (
     require_principal,
 )
 from .catalog import NAME_PATTERN, CommandCatalog, build_command, command_schema
-from .http import STREAMING, JSONResponse, Router
+from .http import STREAMING, JSONResponse, Router, send_file
 from .openapi import build_document
 from .sse import EventHub, EventStream, parse_topics
 
@@ -148,14 +155,41 @@ TOKEN: dict[str, Any] = {
 }
 EXPORT: dict[str, Any] = {
     "type": "object",
-    "required": ["kind", "path", "sha256", "size", "files", "created_at"],
+    "required": ["kind", "path", "sha256", "size", "files", "created_at", "name"],
     "properties": {
-        "kind": {"type": "string", "enum": ["control", "full"]},
+        "kind": {"type": "string", "enum": list(EXPORT_KINDS)},
         "path": {"type": "string"},
         "sha256": {"type": "string"},
         "size": {"type": "integer"},
         "files": {"type": "integer"},
         "created_at": {"type": "number"},
+        "name": {
+            "type": "string",
+            "description": "GET /api/v1/exports/{kind}/{name} downloads the bundle",
+        },
+        "pruned": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "older bundles of the kind removed to keep keep_exports",
+        },
+    },
+}
+EXPORT_ENTRY: dict[str, Any] = {
+    "type": "object",
+    "required": ["kind", "name", "size", "created_at"],
+    "properties": {
+        "kind": {"type": "string", "enum": list(EXPORT_KINDS)},
+        "name": {"type": "string", "pattern": EXPORT_NAME},
+        "size": {"type": "integer", "minimum": 0},
+        "created_at": {"type": "number"},
+    },
+}
+EXPORT_LIST: dict[str, Any] = {
+    "type": "object",
+    "required": ["exports", "keep"],
+    "properties": {
+        "exports": {"type": "array", "items": EXPORT_ENTRY},
+        "keep": {"type": "integer", "minimum": 0, "description": "bundles kept per kind (0: all)"},
     },
 }
 TOKEN_ID: dict[str, Any] = {"type": "string", "pattern": "^[0-9a-f]{12}$"}
@@ -768,6 +802,7 @@ def _storage_routes(router: Router, api: APIContext) -> None:
 
     for kind, command_type in (("control", RunControlExport), ("full", RunFullExport)):
         _export_route(router, api, kind, command_type)
+    _bundle_routes(router, api)
 
 
 def _export_route(router: Router, api: APIContext, kind: str, command_type: type[Command]) -> None:
@@ -782,6 +817,58 @@ def _export_route(router: Router, api: APIContext, kind: str, command_type: type
     )
     async def export(request: Request) -> Any:
         return _result(await api.dispatch(request, command_type()))
+
+
+def _bundle_routes(router: Router, api: APIContext) -> None:
+    """The export bundles on the box: list, download (admin), delete."""
+    tags = ("storage",)
+    params = {
+        "kind": {"type": "string", "enum": list(EXPORT_KINDS)},
+        "name": {"type": "string", "pattern": EXPORT_NAME},
+    }
+
+    @router.route(
+        "GET",
+        "/api/v1/exports",
+        "exports_list",
+        responses=_json(EXPORT_LIST),
+        errors=(503, 504),
+        summary="The export bundles on the box, newest first",
+        tags=tags,
+    )
+    async def listing(request: Request) -> Any:
+        return _result(await api.dispatch(request, ListExports()))
+
+    @router.route(
+        "GET",
+        "/api/v1/exports/{kind}/{name}",
+        "exports_download",
+        params=params,
+        responses={200: ("application/x-tar", {"type": "string", "format": "binary"})},
+        errors=(404, 503, 504),
+        summary="Download one bundle (admin only: it holds the keyset's wraps)",
+        tags=tags,
+        stream=True,
+    )
+    async def download(request: Request, kind: str, name: str) -> Any:
+        found = await api.dispatch(request, OpenExport(kind=kind, bundle=name))
+        assert isinstance(found, ExportFile)
+        send_file(request, Path(found.path), "application/x-tar", found.name)
+        return STREAMING
+
+    @router.route(
+        "DELETE",
+        "/api/v1/exports/{kind}/{name}",
+        "exports_delete",
+        params=params,
+        responses=_json(_obj(deleted=EXPORT_ENTRY)),
+        errors=(404, 503, 504),
+        summary="Delete one bundle from the box",
+        tags=tags,
+    )
+    async def delete(request: Request, kind: str, name: str) -> Any:
+        removed = await api.dispatch(request, DeleteExport(kind=kind, bundle=name))
+        return {"deleted": removed.to_json()}
 
 
 def _command_routes(router: Router, api: APIContext) -> None:

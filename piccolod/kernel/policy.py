@@ -183,6 +183,8 @@ _CREDENTIALS = (
     "persistence.verify_password",
     "persistence.rotate_recovery_key",
     "persistence.import",
+    # A bundle holds the keyset's wraps: with it a password can be guessed offline.
+    "persistence.open_export",
 )
 
 #: The replicated control store's own plumbing: only subsystems send these

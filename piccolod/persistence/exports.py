@@ -37,6 +37,13 @@ The manifest's checksums detect damage, not forgery: the authenticity of
 the content rests on AES-GCM (keyset) and SQLCipher's page HMACs (store),
 checked when the imported keyset is unlocked.
 
+**On the box** bundles live in ``<state_dir>/exports/<kind>/`` under names
+``piccolod-<kind>-<UTC stamp>-<6 hex>.tar``: :func:`list_bundles` lists
+them, :func:`bundle_file` resolves one by kind and name (nothing else: a
+name that does not have that exact form is ``NotFound``, so no path ever
+comes from the caller), :func:`delete_bundle` removes one and
+:func:`prune_bundles` keeps the newest few of a kind.
+
 Blocking; the service runs these in a thread.
 """
 
@@ -46,6 +53,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -57,17 +65,24 @@ from typing import Any
 
 import attrs
 
-from piccolod.errors import Conflict, InvalidCommand
+from piccolod.commands import EXPORT_KINDS, EXPORT_NAME
+from piccolod.errors import Conflict, InvalidCommand, NotFound
 from piccolod.persistence.errors import StoreError
 from piccolod.persistence.keyset import fsync_directory
 
 __all__ = [
     "BUNDLE_FORMAT",
     "BUNDLE_VERSION",
+    "KINDS",
+    "BundleFile",
     "BundleInvalid",
     "ExportInfo",
     "ImportInfo",
+    "bundle_file",
     "collect",
+    "delete_bundle",
+    "list_bundles",
+    "prune_bundles",
     "restore_bundle",
     "verify_bundle",
     "write_bundle",
@@ -81,6 +96,10 @@ MAX_MANIFEST = 16 * 1024 * 1024
 _CHUNK = 1024 * 1024
 
 Progress = Callable[[float, str], None]
+
+KINDS = EXPORT_KINDS
+#: What a bundle written by :func:`write_bundle` is called; nothing else is served.
+BUNDLE_NAME = re.compile(EXPORT_NAME)
 
 
 class BundleInvalid(InvalidCommand):
@@ -114,6 +133,77 @@ class ImportInfo:
     path: str
     files: int
     keyset_id: str
+
+
+@attrs.frozen
+class BundleFile:
+    """A bundle on the box: its kind and name, size and modification time."""
+
+    kind: str
+    name: str
+    size: int
+    created_at: float
+    path: Path = attrs.field(eq=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "size": self.size,
+            "created_at": self.created_at,
+        }
+
+
+def list_bundles(state_dir: Path, kind: str | None = None) -> list[BundleFile]:
+    """The bundles of ``kind`` (or of every kind), newest first."""
+    out: list[BundleFile] = []
+    for k in KINDS if kind is None else (kind,):
+        directory = state_dir / "exports" / k
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            match = BUNDLE_NAME.fullmatch(entry.name)
+            if match is None or match.group(1) != k or not entry.is_file(follow_symlinks=False):
+                continue
+            info = entry.stat(follow_symlinks=False)
+            out.append(BundleFile(k, entry.name, info.st_size, info.st_mtime, Path(entry.path)))
+    # Newest first: by the name's UTC stamp, then by modification time.
+    out.sort(key=lambda b: (b.name.split("-")[2], b.created_at, b.name), reverse=True)
+    return out
+
+
+def bundle_file(state_dir: Path, kind: str, name: str) -> BundleFile:
+    """The bundle ``kind``/``name``; ``NotFound`` unless it is one of :func:`list_bundles`."""
+    match = BUNDLE_NAME.fullmatch(name)
+    if kind not in KINDS or match is None or match.group(1) != kind:
+        raise NotFound(f"no {kind} export named {name!r}")
+    for bundle in list_bundles(state_dir, kind):
+        if bundle.name == name:
+            return bundle
+    raise NotFound(f"no {kind} export named {name!r}")
+
+
+def delete_bundle(state_dir: Path, kind: str, name: str) -> BundleFile:
+    """Remove one bundle (``NotFound`` when there is none of that kind and name)."""
+    bundle = bundle_file(state_dir, kind, name)
+    bundle.path.unlink()
+    fsync_directory(bundle.path.parent)
+    return bundle
+
+
+def prune_bundles(state_dir: Path, kind: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` bundles of ``kind`` (0: keep all); their names."""
+    if keep <= 0:
+        return []
+    removed = []
+    for bundle in list_bundles(state_dir, kind)[keep:]:
+        bundle.path.unlink(missing_ok=True)
+        removed.append(bundle.name)
+    if removed:
+        fsync_directory(state_dir / "exports" / kind)
+    return removed
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:

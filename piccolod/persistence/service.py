@@ -82,16 +82,22 @@ from piccolod.commands import (
     Command,
     CommandContext,
     CommitsApplied,
+    DeleteExport,
     DeleteVolume,
     DetachVolume,
     EnsureVolume,
     ExportDone,
+    ExportEntry,
+    ExportFile,
+    ExportList,
     FencedPut,
     GetStorageStatus,
     ImportBundle,
     ImportDone,
     JoinCluster,
+    ListExports,
     LockStorage,
+    OpenExport,
     ReadClusterKey,
     RecordLockState,
     RecoveryKeyRotated,
@@ -235,6 +241,7 @@ class PersistenceConfig:
     @ivar store_volume: the volume the control store lives on (when a
         volume manager is configured).
     @ivar check_on_unlock: run ``quick_check`` before using an existing store.
+    @ivar keep_exports: bundles kept per kind after an export (0: all).
     """
 
     kdf: KdfParams = attrs.field(factory=KdfParams)
@@ -247,6 +254,7 @@ class PersistenceConfig:
     min_password_length: int = 8
     check_on_unlock: bool = True
     revision_retention: int = 10_000
+    keep_exports: int = 5
 
     def problems(self) -> list[str]:
         found = list(self.kdf.problems())
@@ -268,7 +276,11 @@ class PersistenceConfig:
                 found.append(f"volumes: {e.detail}")
         if self.volumes and self.store_volume not in self.volumes:
             found.append(f"store_volume {self.store_volume!r} must be one of volumes")
-        for name, low in (("min_password_length", 1), ("revision_retention", 0)):
+        for name, low in (
+            ("min_password_length", 1),
+            ("revision_retention", 0),
+            ("keep_exports", 0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 found.append(f"{name} must be an int >= {low}, got {value!r}")
@@ -297,6 +309,7 @@ class PersistenceConfig:
             min_password_length=section.get("min_password_length", 8),
             check_on_unlock=bool(section.get("check_on_unlock", True)),
             revision_retention=section.get("revision_retention", 10_000),
+            keep_exports=section.get("keep_exports", 5),
         )
         problems = config.problems()
         if problems:
@@ -762,6 +775,9 @@ class PersistenceService(Service):
             (DetachVolume, self._handle_detach_volume),
             (RunControlExport, self._handle_control_export),
             (RunFullExport, self._handle_full_export),
+            (ListExports, self._handle_list_exports),
+            (OpenExport, self._handle_open_export),
+            (DeleteExport, self._handle_delete_export),
             (ImportBundle, self._handle_import),
             (VerifyPassword, self._handle_verify_password),
             (ApplyCommits, self._handle_apply_commits),
@@ -1263,8 +1279,10 @@ class PersistenceService(Service):
         now = self.reactor.seconds()
         threaded = self._threadsafe(progress)
         try:
-            info = await self._blocking(
-                lambda: exports.write_bundle(
+            keep = self.config.keep_exports
+
+            def write() -> tuple[exports.ExportInfo, list[str]]:
+                info = exports.write_bundle(
                     state_dir,
                     exports.collect(state_dir, kind, volumes),
                     kind=kind,
@@ -1272,7 +1290,9 @@ class PersistenceService(Service):
                     keyset_id=keyset.keyset_id,
                     progress=threaded,
                 )
-            )
+                return info, exports.prune_bundles(state_dir, kind, keep)
+
+            info, pruned = await self._blocking(write)
         except BaseException as e:
             self.bus.publish(
                 ExportResult(kind=kind, ok=False, detail=_describe(e)),
@@ -1303,6 +1323,13 @@ class PersistenceService(Service):
             path=info.path,
             size=info.size,
         )
+        if pruned:
+            self.log.info(
+                "persistence: removed {count} older {kind} export(s) (keep_exports = {keep})",
+                count=len(pruned),
+                kind=kind,
+                keep=self.config.keep_exports,
+            )
         return ExportDone(
             kind=kind,
             path=info.path,
@@ -1310,6 +1337,36 @@ class PersistenceService(Service):
             size=info.size,
             files=info.files,
             created_at=info.created_at,
+            name=Path(info.path).name,
+            pruned=tuple(pruned),
+        )
+
+    # -- bundles on the box --------------------------------------------------------
+
+    def _handle_list_exports(self, command: ListExports, context: CommandContext) -> Any:
+        state_dir = self.directory.parent
+
+        def found(bundles: list[exports.BundleFile]) -> ExportList:
+            entries = tuple(
+                ExportEntry(kind=b.kind, name=b.name, size=b.size, created_at=b.created_at)
+                for b in bundles
+            )
+            return ExportList(exports=entries, keep=self.config.keep_exports)
+
+        return self._blocking(lambda: exports.list_bundles(state_dir)).addCallback(found)
+
+    def _handle_open_export(self, command: OpenExport, context: CommandContext) -> Any:
+        state_dir = self.directory.parent
+        d = self._blocking(lambda: exports.bundle_file(state_dir, command.kind, command.bundle))
+        return d.addCallback(
+            lambda b: ExportFile(kind=b.kind, name=b.name, path=str(b.path), size=b.size)
+        )
+
+    def _handle_delete_export(self, command: DeleteExport, context: CommandContext) -> Any:
+        state_dir = self.directory.parent
+        d = self._blocking(lambda: exports.delete_bundle(state_dir, command.kind, command.bundle))
+        return d.addCallback(
+            lambda b: ExportEntry(kind=b.kind, name=b.name, size=b.size, created_at=b.created_at)
         )
 
     async def _import(self, path: str, correlation: str | None) -> ImportDone:

@@ -41,7 +41,10 @@ class Response:
 
     @property
     def body(self) -> Any:
-        return json.loads(self.raw) if self.raw else None
+        """The decoded JSON answer (``None`` when empty or not JSON, e.g. a download)."""
+        if not self.raw or "json" not in (self.header("content-type") or ""):
+            return None
+        return json.loads(self.raw)
 
     def header(self, name: str) -> str | None:
         values = self.headers.get(name.lower())

@@ -232,3 +232,68 @@ class RobustnessTests(SynchronousTestCase):
         self.assertEqual(response.headers.getRawHeaders("allow"), ["POST"])
         response = self.successResultOf(stub.get("http://x/api/v1/apps/web"))
         self.assertEqual(response.code, 200)
+
+
+class _Consumer:
+    """What _FileStreamer sees of a request: writes, a producer, finish."""
+
+    def __init__(self, pause_after: int | None = None) -> None:
+        self.written = bytearray()
+        self.producer: Any = None
+        self.finished = False
+        self._disconnected = False
+        self.pause_after = pause_after
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+        if self.pause_after is not None and len(self.written) >= self.pause_after:
+            self.producer.pauseProducing()  # the transport's buffer is full
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+class FileStreamerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from pathlib import Path
+
+        self.path = Path(self.mktemp())
+        self.data = bytes(range(256)) * 1024  # 256 KiB: four chunks
+        self.path.write_bytes(self.data)
+
+    def test_pauses_resumes_and_finishes(self) -> None:
+        """Writing stops while paused, carries on when resumed, and finishes at the end."""
+        from piccolod.api.http import _FileStreamer
+
+        request = _Consumer(pause_after=_FileStreamer.CHUNK)
+        f = self.path.open("rb")
+        streamer = _FileStreamer(request, f)  # type: ignore[arg-type]
+        streamer.start()
+        self.assertEqual(len(request.written), _FileStreamer.CHUNK)
+        self.assertFalse(request.finished)
+        request.pause_after = None
+        streamer.resumeProducing()
+        self.assertEqual(bytes(request.written), self.data)
+        self.assertTrue(request.finished and f.closed)
+        self.assertIsNone(request.producer)
+
+    def test_stopped_by_a_client_that_went_away(self) -> None:
+        """stopProducing closes the file and never finishes the request."""
+        from piccolod.api.http import _FileStreamer
+
+        request = _Consumer(pause_after=1)
+        f = self.path.open("rb")
+        streamer = _FileStreamer(request, f)  # type: ignore[arg-type]
+        streamer.start()
+        streamer.stopProducing()
+        streamer.resumeProducing()  # nothing more happens
+        self.assertEqual(len(request.written), _FileStreamer.CHUNK)
+        self.assertTrue(f.closed)
+        self.assertFalse(request.finished)

@@ -6,8 +6,10 @@ service and the real persistence service on a temp dir).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
+from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
@@ -184,6 +186,19 @@ class PolicyTests(SynchronousTestCase):
             self.assertTrue(response.body["decision_id"].startswith("pd-"))
         self.assertEqual(self.h.persistence.state.value, "unlocked")
 
+    def test_only_the_admin_downloads_bundles(self) -> None:
+        """Operators export, list and delete bundles but never download one (the keyset's wraps)."""
+        done = self.operator.post("/api/v1/exports/control")
+        self.assertEqual(done.code, 200, done)
+        path = f"/api/v1/exports/control/{done.body['name']}"
+        self.assertEqual(self.operator.get("/api/v1/exports").code, 200)
+        self.assertEqual(self.operator.get(path).code, 403)
+        self.assertEqual(self.viewer.get(path).code, 403)
+        self.assertEqual(self.viewer.get("/api/v1/exports").code, 403)
+        self.assertEqual(self.admin.get(path).code, 200)
+        self.assertEqual(self.viewer.delete(path).code, 403)
+        self.assertEqual(self.operator.delete(path).code, 200)
+
     def test_operator_runs_storage_but_not_credentials(self) -> None:
         """An operator may lock and unlock, but not change credentials or manage tokens."""
         self.assertEqual(self.operator.post("/api/v1/storage/lock").code, 200)
@@ -331,6 +346,37 @@ class StorageRouteTests(SynchronousTestCase):
             [(v["volume_id"], v["state"]) for v in volumes],
             [("apps", "detached"), ("data", "attached-rw")],
         )
+
+    def test_bundles_are_listed_downloaded_and_deleted(self) -> None:
+        """An export's bundle is listed, downloads byte for byte with its sha256, and deletes."""
+        done = self.admin.post("/api/v1/exports/control")
+        self.assertEqual(done.code, 200, done)
+        kind, name = done.body["kind"], done.body["name"]
+        listed = self.admin.get("/api/v1/exports")
+        self.assertEqual([(e["kind"], e["name"]) for e in listed.body["exports"]], [(kind, name)])
+        got = self.admin.get(f"/api/v1/exports/{kind}/{name}")
+        self.assertEqual(got.code, 200)
+        self.assertEqual(got.header("content-type"), "application/x-tar")
+        self.assertEqual(got.header("content-disposition"), f'attachment; filename="{name}"')
+        self.assertEqual(len(got.raw), done.body["size"])
+        self.assertEqual(hashlib.sha256(got.raw).hexdigest(), done.body["sha256"])
+        self.assertEqual(got.raw, Path(done.body["path"]).read_bytes())
+        gone = self.admin.delete(f"/api/v1/exports/{kind}/{name}")
+        self.assertEqual((gone.code, gone.body["deleted"]["name"]), (200, name))
+        self.assertEqual(self.admin.get(f"/api/v1/exports/{kind}/{name}").code, 404)
+        self.assertEqual(self.admin.delete(f"/api/v1/exports/{kind}/{name}").code, 404)
+        self.assertEqual(self.admin.get("/api/v1/exports").body["exports"], [])
+
+    def test_bundle_paths_are_never_taken_from_the_caller(self) -> None:
+        """Names that are not bundle names are 400 before any lookup; unknown kinds too."""
+        for path in (
+            "/api/v1/exports/control/..%2F..%2Fpersistence%2Fkeyset.json",
+            "/api/v1/exports/control/keyset.json",
+            "/api/v1/exports/keys/piccolod-control-20260101T000000Z-abcdef.tar",
+        ):
+            self.assertEqual(self.admin.get(path).code, 400, path)
+        missing = "/api/v1/exports/full/piccolod-full-20260101T000000Z-abcdef.tar"
+        self.assertEqual(self.admin.get(missing).type, "not-found")
 
     def test_disks_without_a_device_manager_is_503(self) -> None:
         """Without the devices subsystem, the disks route says it is unavailable."""

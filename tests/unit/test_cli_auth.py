@@ -152,6 +152,60 @@ class CliAuthTests(SynchronousTestCase):
         self.assertEqual(code, EXIT_RATE_LIMITED, out)
         self.assertIn("429", out)
 
+    def test_export_downloads_a_checked_bundle_and_never_overwrites(self) -> None:
+        """export --output writes the bundle here (0600, sha256 and manifest checked)."""
+        self.setup_box()
+        backups = self.home / "backups"
+        backups.mkdir(parents=True)
+        code, out = self.ctl("export", "--output", str(backups))
+        self.assertEqual(code, EXIT_OK, out)
+        (saved,) = backups.iterdir()
+        self.assertRegex(saved.name, r"^piccolod-control-.*\.tar$")
+        self.assertEqual(saved.stat().st_mode & 0o777, 0o600)
+        self.assertIn(f"downloaded to {saved}", out)
+        self.assertIn("sha256 and", out)
+        on_box = self.h.state_dir / "exports" / "control" / saved.name
+        self.assertEqual(saved.read_bytes(), on_box.read_bytes())
+        # The same name again: refused, nothing half-written is left behind.
+        code, out = self.ctl("exports", "download", "control", saved.name, "-o", str(backups))
+        self.assertEqual(code, EXIT_USAGE, out)
+        self.assertIn("not overwriting", out)
+        self.assertEqual([p.name for p in backups.iterdir()], [saved.name])
+
+    def test_exports_list_download_and_delete(self) -> None:
+        """exports lists, downloads (checked) and deletes the bundles on the box."""
+        self.setup_box()
+        self.assertEqual(self.ctl("export", "--full")[0], EXIT_OK)
+        code, out = self.ctl("--json", "exports")
+        self.assertEqual(code, EXIT_OK, out)
+        (entry,) = json.loads(out)["exports"]
+        code, out = self.ctl("exports")
+        self.assertIn(entry["name"], out)
+        self.assertIn("keeping the newest 5", out)
+        target = self.home / "copy.tar"
+        code, out = self.ctl("exports", "download", "full", entry["name"], "-o", str(target))
+        self.assertEqual(code, EXIT_OK, out)
+        self.assertEqual(target.stat().st_size, entry["size"])
+        self.assertEqual(self.ctl("exports", "delete", "full", entry["name"])[0], EXIT_OK)
+        code, out = self.ctl("exports", "download", "full", entry["name"], "-o", str(self.home))
+        self.assertEqual(code, EXIT_API, out)
+        self.assertIn("404", out)
+        self.assertEqual(self.ctl("exports", "list")[1].count("piccolod-"), 0)
+
+    def test_a_damaged_download_is_refused_and_removed(self) -> None:
+        """A bundle damaged on the box fails its manifest check; nothing is kept here."""
+        self.setup_box()
+        code, out = self.ctl("--json", "export")
+        name = json.loads(out)["name"]
+        on_box = self.h.state_dir / "exports" / "control" / name
+        data = bytearray(on_box.read_bytes())
+        data[-20000] ^= 0xFF  # inside the store's ciphertext
+        on_box.write_bytes(bytes(data))
+        code, out = self.ctl("exports", "download", "control", name, "-o", str(self.home))
+        self.assertEqual(code, EXIT_USAGE, out)
+        self.assertIn("damaged", out)
+        self.assertEqual(list(self.home.glob("*.tar*")) + list(self.home.glob(".*.part")), [])
+
     def test_status_works_logged_out(self) -> None:
         """status uses only public routes: state, readiness and who you are."""
         code, out = self.ctl("status")

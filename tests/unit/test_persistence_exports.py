@@ -14,8 +14,15 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from piccolod.commands import ImportBundle, RunControlExport, RunFullExport
-from piccolod.errors import Conflict, IllegalTransition, InvalidCommand
+from piccolod.commands import (
+    DeleteExport,
+    ImportBundle,
+    ListExports,
+    OpenExport,
+    RunControlExport,
+    RunFullExport,
+)
+from piccolod.errors import Conflict, IllegalTransition, InvalidCommand, NotFound
 from piccolod.events import ExportResult, JobProgress, LockState, LockStateChanged, Role
 from piccolod.interfaces import AppRecord, AuditEntry, AuthState
 from piccolod.kernel.dispatcher import CommandDispatcher
@@ -23,7 +30,7 @@ from piccolod.kernel.jobs import JobRunner
 from piccolod.kernel.leadership import LeadershipRegistry
 from piccolod.persistence.directory import DirectoryVolumes
 from piccolod.persistence.errors import StoreError
-from piccolod.persistence.exports import BundleInvalid, verify_bundle
+from piccolod.persistence.exports import BundleInvalid, bundle_file, verify_bundle
 from piccolod.persistence.keyset import KdfParams
 from piccolod.persistence.service import PersistenceConfig, PersistenceService
 from piccolod.persistence.volumes import VolumeManager
@@ -37,7 +44,7 @@ class Box:
     """One state dir with its service (volumes on the directory adapter, or none)."""
 
     def __init__(
-        self, case: SynchronousTestCase, volumes: bool = True, jobs: bool = False
+        self, case: SynchronousTestCase, volumes: bool = True, jobs: bool = False, **config: Any
     ) -> None:
         self.case = case
         self.state_dir = Path(tempfile.mkdtemp(prefix="box-"))
@@ -64,7 +71,7 @@ class Box:
             self.clock,
             self.state_dir / "persistence",
             self.bus,
-            PersistenceConfig(kdf=KdfParams(1, 8, 1)),
+            PersistenceConfig(kdf=KdfParams(1, 8, 1), **config),
             dispatcher=self.dispatcher,
             registry=self.registry,
             volume_manager_factory=factory,
@@ -133,6 +140,70 @@ class ExportJobTests(SynchronousTestCase):
         self.assertNotEqual(a.path, b.path)
         assert box.jobs is not None
         self.assertEqual(box.jobs.stats()["classes"]["export"]["succeeded"], 2)
+
+
+class BundlesOnTheBoxTests(SynchronousTestCase):
+    def export(self, box: Box, command: Any) -> Any:
+        done = box.result(box.dispatcher.dispatch(command))
+        box.clock.advance(1.0)  # the next bundle's name has a later stamp
+        return done
+
+    def test_list_open_and_delete(self) -> None:
+        """Bundles are listed newest first, opened by kind and name, deleted once."""
+        box = Box(self)
+        box.populate()
+        first = self.export(box, RunControlExport())
+        full = self.export(box, RunFullExport())
+        second = self.export(box, RunControlExport())
+        self.assertEqual(Path(second.path).name, second.name)
+        listed = box.result(box.dispatcher.dispatch(ListExports()))
+        self.assertEqual(
+            [(e.kind, e.name) for e in listed.exports],
+            [("control", second.name), ("full", full.name), ("control", first.name)],
+        )
+        self.assertEqual(listed.keep, 5)
+        self.assertEqual(listed.exports[1].size, full.size)
+        opened = box.result(box.dispatcher.dispatch(OpenExport("full", full.name)))
+        self.assertEqual((opened.path, opened.size), (full.path, full.size))
+        deleted = box.result(box.dispatcher.dispatch(DeleteExport("control", first.name)))
+        self.assertEqual(deleted.name, first.name)
+        self.assertFalse(Path(first.path).exists())
+        for command in (DeleteExport("control", first.name), OpenExport("control", first.name)):
+            self.failureResultOf(box.dispatcher.dispatch(command), NotFound)
+        # A name of the other kind is not found under this kind.
+        self.failureResultOf(box.dispatcher.dispatch(OpenExport("control", full.name)), NotFound)
+
+    def test_keep_exports_prunes_the_oldest_of_the_kind(self) -> None:
+        """With keep_exports = 2 the third control export removes the first; full ones stay."""
+        box = Box(self, keep_exports=2)
+        box.populate()
+        names = [self.export(box, RunControlExport()) for _ in range(2)]
+        full = self.export(box, RunFullExport())
+        third = self.export(box, RunControlExport())
+        self.assertEqual(third.pruned, (names[0].name,))
+        self.assertFalse(Path(names[0].path).exists())
+        listed = box.result(box.dispatcher.dispatch(ListExports()))
+        self.assertEqual(
+            sorted(e.name for e in listed.exports), sorted([names[1].name, third.name, full.name])
+        )
+
+    def test_only_bundles_are_ever_served(self) -> None:
+        """Bad names are refused before any lookup; other files and symlinks are never listed."""
+        box = Box(self)
+        box.populate()
+        done = self.export(box, RunControlExport())
+        for name in ("../../persistence/keyset.json", "keyset.json", done.name + "/x", ""):
+            self.assertRaises(InvalidCommand, OpenExport, "control", name)
+        self.assertRaises(InvalidCommand, OpenExport, "keys", done.name)
+        directory = Path(done.path).parent
+        (directory / "notes.txt").write_text("x")
+        fake = done.name.replace(done.name[-10:-4], "abcdef")
+        (directory / fake).symlink_to(box.state_dir / "persistence" / "keyset.json")
+        listed = box.result(box.dispatcher.dispatch(ListExports()))
+        self.assertEqual([e.name for e in listed.exports], [done.name])
+        self.failureResultOf(box.dispatcher.dispatch(OpenExport("control", fake)), NotFound)
+        self.assertEqual(bundle_file(box.state_dir, "control", done.name).size, done.size)
+        self.assertRaises(NotFound, bundle_file, box.state_dir, "control", "x")
 
 
 class ExportTests(SynchronousTestCase):

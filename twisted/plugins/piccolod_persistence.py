@@ -16,7 +16,9 @@ Drop-in plugin of the ``persistence`` slot.  (No ``__init__.py`` in
   ``volumes`` slot's adapter; ``store_volume``: the one the control store
   lives on;
 - ``min_password_length``; ``check_on_unlock``: run ``quick_check`` before
-  using an existing store; ``revision_retention``: revision rows kept.
+  using an existing store; ``revision_retention``: revision rows kept;
+- ``keep_exports``: export bundles kept on the box per kind (the oldest
+  are deleted after each export; 0 keeps every one).
 """
 
 from typing import Any
