@@ -331,6 +331,12 @@ def _exports_options() -> usage.Options:
     return ExportsOptions()  # type: ignore[no-untyped-call]
 
 
+def _restore_options() -> usage.Options:
+    from piccolod.cli_exports import RestoreOptions
+
+    return RestoreOptions()  # type: ignore[no-untyped-call]
+
+
 def _remote_options() -> usage.Options:
     from piccolod.cli_remote import RemoteOptions
 
@@ -365,6 +371,7 @@ class Options(usage.Options):
         ["metrics", None, usage.Options, "The Prometheus metrics text."],
         ["export", None, _export_options, "Back up: write a bundle on the box, --output it here."],
         ["exports", None, _exports_options, "Bundles on the box: list, download, delete."],
+        ["restore", None, _restore_options, "Restore a fresh box from a bundle (upload)."],
         ["app", None, _app_options, "Apps: install, list, get, start, stop, update, revert…"],
         ["remote", None, _remote_options, "Remote access: tunnels, certificates."],
     ]
@@ -605,6 +612,10 @@ async def _command(
         from piccolod.cli_exports import run_exports
 
         return await run_exports(client, sub)
+    if command == "restore":
+        from piccolod.cli_exports import run_restore
+
+        return await run_restore(client, sub)
     if command == "remote":
         from piccolod.cli_remote import json_request, run_remote
 

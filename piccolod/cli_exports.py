@@ -7,6 +7,7 @@
     piccolodctl exports [list]
     piccolodctl exports download KIND NAME [--output FILE|DIR]
     piccolodctl exports delete KIND NAME
+    piccolodctl restore FILE
 
 ``export`` writes a bundle on the box (``POST /api/v1/exports/{kind}``: the
 storage is quiesced for it) and, with ``--output``, downloads it.  A
@@ -16,11 +17,19 @@ export answered, and the bundle's own manifest: every file's size and
 sha256), then renamed into place with mode 0600; a bundle that fails a
 check is removed and the command fails.  An existing file is never
 overwritten.
+
+``restore`` puts a bundle onto a fresh box (storage not set up yet): it
+checks the bundle here first (its manifest), then sends it in chunks
+(``POST /api/v1/storage/restore``, ``PUT …/{upload}?offset=N``, ``POST
+…/finish``), resuming from what the box says it has after a lost answer.
+The box checks it again and imports it; storage is then locked, and the
+bundle's admin password logs in (and unlocks).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +37,15 @@ from urllib.parse import quote
 
 from twisted.python import usage
 
-__all__ = ["ExportOptions", "ExportsOptions", "download", "run_export", "run_exports"]
+__all__ = [
+    "ExportOptions",
+    "ExportsOptions",
+    "RestoreOptions",
+    "download",
+    "run_export",
+    "run_exports",
+    "run_restore",
+]
 
 
 class ExportOptions(usage.Options):
@@ -124,8 +141,6 @@ async def download(
     if response.code >= 400:
         raw = await client.treq.content(response)
         try:
-            import json
-
             problem = json.loads(raw)
         except ValueError:
             problem = {"detail": raw.decode("utf-8", "replace")}
@@ -194,3 +209,59 @@ async def run_exports(client: Any, sub: Any) -> tuple[str, Any]:
         return f"deleted {body['deleted']['kind']} export {body['deleted']['name']}", body
     _, body, _ = await client.request("GET", "/api/v1/exports")
     return format_exports(body), body
+
+
+class RestoreOptions(usage.Options):
+    synopsis = "piccolodctl restore FILE"
+
+    def parseArgs(self, path: str) -> None:  # type: ignore[override]
+        self["file"] = path
+
+
+async def run_restore(client: Any, sub: Any) -> tuple[str, Any]:
+    """Upload and restore a bundle onto a fresh box (see the module docstring)."""
+    from piccolod.cli import ApiError, UsageFailure
+    from piccolod.persistence.exports import BundleInvalid, verify_bundle
+
+    path = Path(sub["file"]).expanduser()
+    try:
+        manifest = verify_bundle(path)
+    except FileNotFoundError:
+        raise UsageFailure(f"{path}: no such file") from None
+    except BundleInvalid as e:
+        raise UsageFailure(f"{path} is not a bundle that can be restored: {e.detail}") from None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    size = path.stat().st_size
+    _, opened, _ = await client.request(
+        "POST", "/api/v1/storage/restore", {"size": size, "sha256": digest.hexdigest()}
+    )
+    upload, chunk_size = opened["upload"], int(opened["chunk_size"])
+    base = f"{client.base}/api/v1/storage/restore/{upload}"
+    offset = 0
+    with path.open("rb") as f:
+        while offset < size:
+            f.seek(offset)
+            data = f.read(chunk_size)
+            headers = client.headers("PUT", {"content-type": "application/octet-stream"})
+            response = await client.treq.request(
+                "PUT", f"{base}?offset={offset}", headers=headers, data=data
+            )
+            raw = await client.treq.content(response)
+            body = json.loads(raw) if raw else {}
+            if response.code == 409 and isinstance(body.get("received"), int):
+                offset = body["received"]  # resume from what the box has
+                continue
+            if response.code >= 400:
+                raise ApiError(response.code, body if isinstance(body, dict) else {})
+            offset = int(body["received"])
+    _, done, _ = await client.request("POST", f"/api/v1/storage/restore/{upload}/finish")
+    files = sum(1 for entry in manifest["files"] if entry["type"] == "file")
+    text = (
+        f"restored a {done['kind']} bundle ({done['files']} of {files} files); storage is "
+        f"{done['state']}: log in with the bundle's admin password (piccolodctl login)"
+    )
+    return text, done
+

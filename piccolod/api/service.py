@@ -446,6 +446,8 @@ class APIService(Service):  # type: ignore[misc]
     api: APIContext | None = None
     connection_timeout: float = 300.0
     access_log: bool = False
+    #: Restore uploads in progress (abandoned at stop).
+    uploads: Any = None
     log = Logger()
 
     _port: IListeningPort | None = None
@@ -525,10 +527,13 @@ class APIService(Service):  # type: ignore[misc]
         from .apps import app_routes
         from .cluster import cluster_routes
         from .remote import remote_routes
+        from .restore import RestoreUploads, restore_routes
 
         app_routes(router, kernel)
         cluster_routes(router, kernel, api)
         remote_routes(router, kernel)
+        uploads = RestoreUploads(kernel.state_dir / "restore", clock)
+        restore_routes(router, kernel, uploads, chunk_size=int(config["max_body"]))
         if config["portal"]:
             from .portal import portal_routes
 
@@ -540,6 +545,7 @@ class APIService(Service):  # type: ignore[misc]
             api=api,
             connection_timeout=float(config["connection_timeout"]),
             access_log=bool(config["access_log"]),
+            uploads=uploads,
         )
 
     @classmethod
@@ -555,6 +561,8 @@ class APIService(Service):  # type: ignore[misc]
             self.api.tokens.load()
             self._install_policy(self.api.engine)
             self.api.hub.start()
+        if self.uploads is not None:
+            self.uploads.sweep()
         self._ready = Deferred.fromCoroutine(self._listen())
 
     def _install_policy(self, engine: PolicyEngine) -> None:
@@ -604,6 +612,8 @@ class APIService(Service):  # type: ignore[misc]
         Service.stopService(self)
         if self.api is not None:
             self.api.hub.stop()
+        if self.uploads is not None:
+            self.uploads.close()
         if self._port is not None:
             port, self._port = self._port, None
             await maybeDeferred(port.stopListening)

@@ -74,9 +74,9 @@ class APIClient:
         body: Any = None,
         headers: dict[str, str] | None = None,
         csrf: bool = True,
+        data: bytes | None = None,
     ) -> Reply:
         sent = dict(headers or {})
-        data = None
         if body is not None:
             data = json.dumps(body).encode()
             sent.setdefault("Content-Type", "application/json")
@@ -103,6 +103,10 @@ class APIClient:
 
     def get(self, path: str, **kw: Any) -> Reply:
         return self.request("GET", path, **kw)
+
+    def raw(self, method: str, path: str, data: bytes, content_type: str) -> Reply:
+        """A request whose body is ``data`` as it is (uploads)."""
+        return self.request(method, path, headers={"Content-Type": content_type}, data=data)
 
     def post(self, path: str, body: Any = None, **kw: Any) -> Reply:
         return self.request("POST", path, body, **kw)

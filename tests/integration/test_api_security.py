@@ -18,6 +18,7 @@ import pytest
 from piccolod.api.auth import split_token
 from tests.integration.apiclient import PASSWORD, APIClient, write_config
 from tests.integration.support import Daemon, poll
+from tests.unit.test_api_openapi import PUBLIC as UNIT_PUBLIC
 
 pytestmark = pytest.mark.integration
 
@@ -28,17 +29,8 @@ login_lockout_initial = 3.0
 login_lockout_max = 3.0
 """
 
-PUBLIC = {
-    ("GET", "/api/v1/health/live"),
-    ("GET", "/api/v1/health/ready"),
-    ("POST", "/api/v1/auth/setup"),
-    ("POST", "/api/v1/auth/login"),
-    ("GET", "/api/v1/auth/session"),
-    ("POST", "/api/v1/auth/recovery-key/reset"),
-    ("POST", "/api/v1/cluster/join"),  # only while the node is not set up, like setup
-    ("GET", "/api/v1/openapi.json"),
-    ("GET", "/.well-known/acme-challenge/{token}"),  # ACME HTTP-01: public by RFC 8555
-}
+# The routes anyone may call: the same list the unit tests hold the router to.
+PUBLIC = UNIT_PUBLIC
 
 
 @pytest.fixture

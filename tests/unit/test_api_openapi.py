@@ -22,6 +22,13 @@ PUBLIC = {
     ("GET", "/api/v1/auth/session"),
     ("POST", "/api/v1/auth/recovery-key/reset"),
     ("POST", "/api/v1/cluster/join"),  # a fresh node joining has no session yet
+    # Restoring a fresh box from a bundle: no admin exists yet (409 once set up; the
+    # upload id is a 256-bit capability).
+    ("POST", "/api/v1/storage/restore"),
+    ("GET", "/api/v1/storage/restore/{upload}"),
+    ("PUT", "/api/v1/storage/restore/{upload}"),
+    ("POST", "/api/v1/storage/restore/{upload}/finish"),
+    ("DELETE", "/api/v1/storage/restore/{upload}"),
     ("GET", "/api/v1/openapi.json"),
     ("GET", "/.well-known/acme-challenge/{token}"),  # ACME HTTP-01: public by RFC 8555
 }
