@@ -5,7 +5,7 @@ A box that has just been installed has no admin and no API token, so the
 restore routes are **public**, like first-run setup, and like it they work
 only while storage is ``uninitialized`` (409 afterwards):
 
-1. ``POST /api/v1/storage/restore`` ``{"size", "sha256"}`` opens an upload
+1. ``POST /api/v1/storage/restore`` ``{"size", "sha256"?}`` opens an upload
    (201 ``{"upload", "chunk_size", "expires_in"}``).  ``upload`` is a
    random 256-bit capability: every later call names it, and it is compared
    in constant time.  One upload at a time (409 while another is alive);
@@ -16,10 +16,11 @@ only while storage is ``uninitialized`` (409 afterwards):
    received so far (409 with ``received`` otherwise, so a client resumes
    after a lost answer); ``GET`` answers ``{"received", "size"}``.
 3. ``POST /api/v1/storage/restore/{upload}/finish`` checks the size and
-   the sha256, then runs ``persistence.import`` on the file (which checks
-   every file against the bundle's manifest and writes nothing unless all
-   is well) and removes it.  Storage is then ``locked``: log in with the
-   bundle's admin password.
+   the sha256 (when one was announced: a browser on plain HTTP off
+   localhost has no Web Crypto to compute it), then runs
+   ``persistence.import`` on the file (which checks every file against the
+   bundle's manifest and writes nothing unless all is well) and removes it.
+   Storage is then ``locked``: log in with the bundle's admin password.
 
 ``DELETE /api/v1/storage/restore/{upload}`` abandons an upload; one left
 idle for ``idle_timeout`` seconds is abandoned by itself.  The file
@@ -68,7 +69,7 @@ class _Upload:
     id: str
     path: Path
     size: int
-    sha256: str
+    sha256: str | None
     digest: Any = attrs.field(factory=hashlib.sha256)
     received: int = 0
     timer: IDelayedCall | None = None
@@ -83,7 +84,7 @@ class RestoreUploads:
     idle_timeout: float = 600.0
     _current: _Upload | None = attrs.field(init=False, default=None)
 
-    def open(self, size: int, sha256: str) -> _Upload:
+    def open(self, size: int, sha256: str | None) -> _Upload:
         if self._current is not None:
             raise Conflict("another restore upload is in progress; finish or delete it first")
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -131,7 +132,7 @@ class RestoreUploads:
                 f"the upload has {upload.received} of {upload.size} bytes",
                 received=upload.received,
             )
-        if not hmac.compare_digest(upload.digest.hexdigest(), upload.sha256):
+        if upload.sha256 is not None and upload.digest.hexdigest() != upload.sha256:
             self.discard(upload_id)
             raise InvalidCommand("the upload's sha256 is not the one announced; it was discarded")
         with upload.path.open("rb+") as f:
@@ -211,7 +212,7 @@ def restore_routes(
         public=True,
         body={
             "type": "object",
-            "required": ["size", "sha256"],
+            "required": ["size"],
             "properties": {
                 "size": {"type": "integer", "minimum": 1, "maximum": 1 << 50},
                 "sha256": SHA256,
@@ -240,7 +241,7 @@ def restore_routes(
         from .http import JSONResponse
 
         await fresh(request)
-        upload = uploads.open(body["size"], body["sha256"])
+        upload = uploads.open(body["size"], body.get("sha256"))
         return JSONResponse(
             {
                 "upload": upload.id,

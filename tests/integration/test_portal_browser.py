@@ -480,6 +480,51 @@ def test_forgotten_password_reset(daemon: Daemon, browser_context: Any) -> None:
     watch.check_clean()
 
 
+def test_backup_download_and_restore_a_fresh_box(
+    make_daemon: Any, browser_context: Any, tmp_path: Path
+) -> None:
+    """
+    Back up from the dashboard, download the bundle, restore it on a fresh box from its
+    setup screen (in 4 KiB chunks), log in there with the first box's password.
+    """
+    first = make_daemon()
+    watch = open_portal(browser_context, first.url)
+    page = watch.page
+    setup_through_page(watch, "40-backup")
+    page.wait_for_selector("#backups-empty:not([hidden])", timeout=10_000)
+    page.click("#backup-button")
+    page.wait_for_selector("#backups-list li[data-backup]", timeout=30_000)
+    watch.shot("40-backup-listed")
+    with page.expect_download(timeout=30_000) as info:
+        page.click("#backups-list li[data-backup] a")
+    download = info.value
+    saved = tmp_path / download.suggested_filename
+    download.save_as(str(saved))
+    assert saved.name.startswith("piccolod-control-") and saved.stat().st_size > 4096
+    bundles = list((first.state_dir / "exports" / "control").glob("*.tar"))
+    assert [b.read_bytes() for b in bundles] == [saved.read_bytes()]
+    watch.check_clean()
+
+    fresh = make_daemon("\n[subsystems.api]\nmax_body = 4096\n")
+    watch = open_portal(browser_context, fresh.url)
+    page = watch.page
+    page.wait_for_selector("#screen-setup:not([hidden])", timeout=10_000)
+    page.click("#restore summary")
+    page.set_input_files("#restore-file", str(saved))
+    watch.shot("41-restore-chosen")
+    page.click("#restore-form button[type=submit]")
+    page.wait_for_selector("#screen-login:not([hidden])", timeout=60_000)
+    page.wait_for_selector("#login-status:not([hidden])")
+    assert "Restored" in (page.text_content("#login-status") or "")
+    watch.shot("42-restored-login")
+    page.fill("#login-password", PASSWORD)
+    page.click("#login-form button[type=submit]")
+    page.wait_for_selector("#screen-dashboard:not([hidden])", timeout=30_000)
+    wait_text(page, "#lock-state", "unlocked")
+    assert list((fresh.state_dir / "restore").glob(".upload-*")) == []
+    watch.check_clean()
+
+
 def test_session_end_shows_login(make_daemon: Any, browser_context: Any) -> None:
     """When the session times out the page closes its stream and asks for a login again."""
     daemon = make_daemon("\n[subsystems.api]\nsession_idle_timeout = 3.0\n")

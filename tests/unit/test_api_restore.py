@@ -107,6 +107,23 @@ class RestoreTests(SynchronousTestCase):
         self.assertEqual(self.uploads_on_disk(), [])
         self.assertIs(self.box.persistence.state, LockState.UNINITIALIZED)
 
+    def test_without_a_sha256_the_manifest_still_guards(self) -> None:
+        """A browser without Web Crypto announces no sha256: a damaged bundle is still refused."""
+        damaged = bytearray(self.bundle)
+        damaged[-20000] ^= 0xFF
+        opened = self.anon.post("/api/v1/storage/restore", {"size": len(damaged)}).body
+        self.bundle = bytes(damaged)
+        self.send_all(opened["upload"], opened["chunk_size"])
+        done = self.anon.post(f"/api/v1/storage/restore/{opened['upload']}/finish")
+        self.assertEqual((done.code, done.type), (400, "bundle-invalid"), done)
+        self.bundle = (
+            bytes(damaged[:-20000]) + bytes([damaged[-20000] ^ 0xFF]) + bytes(damaged[-19999:])
+        )
+        opened = self.anon.post("/api/v1/storage/restore", {"size": len(self.bundle)}).body
+        self.send_all(opened["upload"], opened["chunk_size"])
+        done = self.anon.post(f"/api/v1/storage/restore/{opened['upload']}/finish")
+        self.assertEqual((done.code, done.body["state"]), (200, "locked"), done)
+
     def test_a_tampered_bundle_is_refused_by_the_import(self) -> None:
         """Right size and sha256 of a damaged bundle: the manifest check refuses it, 400."""
         damaged = bytearray(self.bundle)

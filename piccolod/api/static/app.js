@@ -21,6 +21,7 @@ const STATE_TOPICS = [
   "jobs.finished",
   "apps.state",
   "services.route",
+  "persistence.export_result",
 ];
 
 /** Topics known to this page; the server adds its own list in <meta name="piccolod-topics">. */
@@ -161,7 +162,12 @@ function serverNow() {
 }
 
 function isPublicWrite(path) {
-  return path === "/auth/login" || path === "/auth/setup" || path === "/auth/recovery-key/reset";
+  return (
+    path === "/auth/login" ||
+    path === "/auth/setup" ||
+    path === "/auth/recovery-key/reset" ||
+    path.startsWith("/storage/restore")
+  );
 }
 
 function explain(error) {
@@ -288,6 +294,8 @@ function sessionLost() {
 
 function bindForms() {
   $("setup-form").addEventListener("submit", onSetup);
+  $("restore-form").addEventListener("submit", onRestore);
+  $("backup-button").addEventListener("click", onBackup);
   $("login-form").addEventListener("submit", onLogin);
   $("reset-form").addEventListener("submit", onReset);
   $("unlock-form").addEventListener("submit", onUnlock);
@@ -349,6 +357,107 @@ async function onSetup(event) {
       setError(error, explain(e));
     }
   });
+}
+
+/** SHA-256 of a file in hex, or null where Web Crypto is missing (plain HTTP off localhost). */
+async function sha256Hex(file) {
+  if (!(window.crypto && crypto.subtle)) return null;
+  const digest = await crypto.subtle.digest("SHA-256", await file.arrayBuffer());
+  return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * Restore this fresh box from a backup: open an upload, send the file in
+ * chunks of the server's size (resuming from what it has after a refusal
+ * of an offset), finish; the server checks and imports it, storage is then
+ * locked and the old password logs in.
+ */
+async function onRestore(event) {
+  event.preventDefault();
+  const file = $("restore-file").files[0];
+  const error = $("restore-error");
+  if (!file) return setError(error, "Choose the backup file first.");
+  setError(error, "");
+  await busy(event.target, async () => {
+    const bar = $("restore-bar");
+    try {
+      const sha256 = await sha256Hex(file);
+      const body = sha256 ? { size: file.size, sha256 } : { size: file.size };
+      const opened = await request("POST", "/storage/restore", body);
+      const path = `/storage/restore/${encodeURIComponent(opened.upload)}`;
+      show($("restore-progress"), true);
+      let offset = 0;
+      while (offset < file.size) {
+        const chunk = file.slice(offset, offset + opened.chunk_size);
+        const response = await fetch(`${API}${path}?offset=${offset}`, {
+          method: "PUT",
+          headers: { "Content-Type": "application/octet-stream", Accept: "application/json" },
+          body: chunk,
+          credentials: "same-origin",
+          cache: "no-store",
+        });
+        const answer = await response.json().catch(() => null);
+        if (response.status === 409 && answer && Number.isInteger(answer.received)) {
+          offset = answer.received;
+          continue;
+        }
+        if (!response.ok) throw new ApiError(response.status, answer);
+        offset = answer.received;
+        bar.value = offset / file.size;
+        setText($("restore-percent"), percent(offset / file.size));
+      }
+      await request("POST", `${path}/finish`);
+      $("restore-form").reset();
+      show($("restore-progress"), false);
+      $("restore").open = false;
+      await route();
+      setError($("login-status"), "Restored. Log in with the administrator password of the box you backed up.");
+    } catch (e) {
+      show($("restore-progress"), false);
+      setError(error, explain(e));
+    }
+  });
+}
+
+async function loadBackups() {
+  let answer;
+  try {
+    answer = await request("GET", "/exports");
+  } catch (error) {
+    if (error instanceof ApiError && [403, 404, 503].includes(error.status)) answer = { exports: [] };
+    else throw error;
+  }
+  const items = (answer.exports || []).map((b) =>
+    h(
+      "li",
+      { class: "row", "data-backup": b.name },
+      h(
+        "div",
+        { class: "row-head" },
+        h("a", { href: `${API}/exports/${encodeURIComponent(b.kind)}/${encodeURIComponent(b.name)}`, download: b.name, text: `${b.kind} backup` }),
+        h("span", { class: "muted num", text: `${(b.size / 1024).toFixed(0)} KiB` }),
+      ),
+      h("p", { class: "muted wrap", text: new Date(b.created_at * 1000).toLocaleString() }),
+    ),
+  );
+  $("backups-list").replaceChildren(...items);
+  setText($("backups-count"), items.length ? String(items.length) : "");
+  show($("backups-empty"), items.length === 0);
+}
+
+async function onBackup() {
+  const button = $("backup-button");
+  const error = $("backup-error");
+  setError(error, "");
+  button.disabled = true;
+  try {
+    await request("POST", "/exports/control");
+    await loadBackups();
+  } catch (e) {
+    setError(error, explain(e));
+  } finally {
+    button.disabled = false;
+  }
 }
 
 function showRecovery(key) {
@@ -485,7 +594,7 @@ async function enterDashboard() {
 
 /** Load every view from the REST API (after the state stream is open). */
 async function resync() {
-  const tasks = [loadDetail(), loadJobs(), loadApps(), loadStorage()];
+  const tasks = [loadDetail(), loadJobs(), loadApps(), loadStorage(), loadBackups()];
   const results = await Promise.allSettled(tasks);
   const failed = results.find((r) => r.status === "rejected");
   if (failed && !(failed.reason instanceof ApiError && failed.reason.status === 401)) {
@@ -700,6 +809,9 @@ function applyEvent(topic, envelope) {
     case "persistence.lock_state":
       setLock(event.state);
       if (event.state === "unlocked" || event.state === "locked") scheduleResync();
+      break;
+    case "persistence.export_result":
+      loadBackups().catch(() => null);
       break;
     case "supervisor.child_state": {
       const old = state.children.get(event.child) || { name: event.child };
