@@ -94,10 +94,9 @@ class RestoreUploads:
                 f"the bundle ({size} bytes) and its import need more than the "
                 f"{free} bytes free on the state directory's disk"
             )
-        upload = _Upload(secrets.token_urlsafe(32), Path(), size, sha256)
-        upload.path = self.directory / f".upload-{secrets.token_hex(8)}.tar"
-        fd = os.open(upload.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.close(fd)
+        path = self.directory / f".upload-{secrets.token_hex(8)}.tar"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        upload = _Upload(secrets.token_urlsafe(32), path, size, sha256)
         self._current = upload
         self._touch(upload)
         return upload
