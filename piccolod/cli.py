@@ -138,10 +138,23 @@ def progress_bar(progress: float, width: int = 30) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {progress * 100:3.0f}%"
 
 
-def format_jobs(body: dict[str, Any]) -> str:
+#: Classes of the daemon's own periodic jobs (telemetry samples, store checks and
+#: checkpoints): ``jobs`` leaves their successes out unless asked for ``--all``.
+ROUTINE_CLASSES = frozenset({"telemetry", "persistence"})
+
+
+def routine(job: dict[str, Any]) -> bool:
+    """A periodic job that succeeded: noise in a listing of what happened."""
+    return job.get("job_class") in ROUTINE_CLASSES and job.get("state") == "succeeded"
+
+
+def format_jobs(body: dict[str, Any], show_all: bool = True) -> str:
     lines = []
-    for job in body.get("jobs", []):
-        line = f"{job['id']:<16} {job['job_class']:<12} {job['state']:<10}"
+    jobs = body.get("jobs", [])
+    shown = jobs if show_all else [j for j in jobs if not routine(j)]
+    for job in shown:
+        name = job.get("name") or job["job_class"]
+        line = f"{job['id']:<16} {job['job_class']:<12} {job['state']:<10} {name:<16}"
         if job["state"] == "running":
             line += " " + progress_bar(job.get("progress", 0.0))
             if job.get("message"):
@@ -149,6 +162,9 @@ def format_jobs(body: dict[str, Any]) -> str:
         elif job.get("error"):
             line += f" {job['error']}"
         lines.append(line.rstrip())
+    hidden = len(jobs) - len(shown)
+    if hidden:
+        lines.append(f"({hidden} routine job(s) that succeeded not shown: --all shows them)")
     return "\n".join(lines) or "no jobs"
 
 
@@ -228,7 +244,10 @@ class Interspersed(usage.Options):
 
 
 class JobsOptions(usage.Options):
-    optFlags = [["watch", "w", "Redraw every half second until no job is running or queued."]]
+    optFlags = [
+        ["watch", "w", "Redraw every half second until no job is running or queued."],
+        ["all", "a", "Also the periodic jobs that succeeded (telemetry samples, store checks)."],
+    ]
     optParameters = [["state", "s", None, "Only jobs in this state."]]
 
 
@@ -809,7 +828,7 @@ async def _kernel_view(
     query = f"?state={sub['state']}" if sub["state"] else ""
     while True:
         _, body, _ = await client.request("GET", f"/api/v1/jobs{query}")
-        text = format_jobs(body)
+        text = format_jobs(body, show_all=bool(sub["all"]))
         active = body["stats"]["running"] + body["stats"]["queued"]
         if not sub["watch"] or not active:
             return text, body

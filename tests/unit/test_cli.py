@@ -87,6 +87,27 @@ class CliTests(SynchronousTestCase):
         self.assertIn("halfway", out)
         d.callback(None)
 
+    def test_routine_successes_are_left_out_unless_all(self) -> None:
+        """Succeeded telemetry samples are counted, not listed (--all lists them); failures are."""
+        for _ in range(3):
+            self.jobs.submit(JobSpec(job_class="telemetry", name="telemetry", fn=lambda c: None))
+        self.jobs.submit(JobSpec(job_class="export", name="control export", fn=lambda c: None))
+
+        def broken(control: JobControl) -> None:
+            raise RuntimeError("sampling broke")
+
+        self.jobs.submit(JobSpec(job_class="telemetry", name="telemetry", fn=broken))
+        self.clock.advance(0)
+        code, out = self.ctl("jobs")
+        self.assertEqual(code, EXIT_OK)
+        lines = out.strip().splitlines()
+        self.assertEqual(len(lines), 3, out)
+        self.assertIn("control export", out)
+        self.assertIn("sampling broke", out)
+        self.assertIn("(3 routine job(s) that succeeded not shown: --all shows them)", out)
+        code, out = self.ctl("jobs", "--all")
+        self.assertEqual(len(out.strip().splitlines()), 5, out)
+
     def test_watch_ends_when_jobs_finish(self) -> None:
         """jobs --watch redraws until nothing is running, then prints the final table."""
         d: Deferred[None] = Deferred()
@@ -101,7 +122,7 @@ class CliTests(SynchronousTestCase):
         d.callback(None)
         self.clock.advance(0.5)
         self.assertEqual(self.successResultOf(result), EXIT_OK)
-        self.assertTrue(out.getvalue().rstrip().endswith("succeeded"))
+        self.assertIn(" succeeded ", out.getvalue().rstrip().splitlines()[-1] + " ")
 
     def test_api_errors_are_one_line_and_exit_1(self) -> None:
         """A problem+json answer is printed as one line with exit status 1."""
