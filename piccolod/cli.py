@@ -11,13 +11,16 @@ as ``Authorization: Bearer``), else the session saved by ``login`` or
 ``~/.config/piccolod/session.json``, mode 0600: the cookie and its CSRF
 token, for one daemon URL).  Passwords come from ``--password-file``,
 ``$PICCOLOD_PASSWORD``, a prompt on a terminal, or the first line of
-standard input.
+standard input; a new password (``password``) from
+``--new-password-file``, ``$PICCOLOD_NEW_PASSWORD`` or a prompt, twice.
 
 **Commands**: ``status``, ``setup``, ``login``, ``logout``, ``unlock``
-(logs in when there is no session: a login unlocks), ``lock``, ``token
-create|list|revoke``, ``cluster [status|join]``, ``events [--follow] [PATTERN]``, ``call COMMAND
-[--json ARGS]``, and the kernel views ``health``, ``supervisor``,
-``leadership``, ``jobs``, ``job``, ``cancel``, ``metrics``.  Output is for
+(logs in when there is no session: a login unlocks), ``lock``,
+``password``, ``recovery-key``, ``token create|list|revoke``, ``cluster
+[status|join]``, ``events [--follow] [PATTERN]``, ``call COMMAND [--json
+ARGS]``, ``export``, ``exports``, ``restore``, ``app …``, ``remote …``,
+and the kernel views ``health``, ``supervisor``, ``leadership``, ``jobs``,
+``job``, ``cancel``, ``metrics``.  Output is for
 humans; ``--json`` prints the API's JSON answer instead.
 
 **Exit status** (stable, for scripts):
@@ -262,6 +265,13 @@ class PasswordOptions(usage.Options):
     ]
 
 
+class PasswordChangeOptions(usage.Options):
+    optParameters = [
+        ["password-file", "p", None, "Read the current password from this file (first line)."],
+        ["new-password-file", "n", None, "Read the new password from this file (first line)."],
+    ]
+
+
 class ClusterOptions(usage.Options):
     subCommands = [
         ["status", None, usage.Options, "Members, roles, terms and replication lag."],
@@ -377,6 +387,8 @@ class Options(usage.Options):
         ["logout", None, usage.Options, "End the saved session."],
         ["unlock", None, UnlockOptions, "Unlock storage (logs in first when needed)."],
         ["lock", None, usage.Options, "Lock storage."],
+        ["password", None, PasswordChangeOptions, "Change the admin password."],
+        ["recovery-key", None, usage.Options, "Replace the recovery key (shown once)."],
         ["token", None, TokenOptions, "API tokens: create, list, revoke."],
         ["cluster", None, ClusterOptions, "The cluster: status, or join this node to it."],
         ["events", None, EventsOptions, "Recent events, or --follow the stream (PATTERN: a.*)."],
@@ -493,8 +505,10 @@ def read_password(
             return Path(path).read_text().splitlines()[0]
         except (OSError, IndexError) as e:
             raise UsageFailure(f"cannot read a password from {path}: {e}") from None
-    if what == "password" and environ.get("PICCOLOD_PASSWORD"):
+    if what in ("password", "current password") and environ.get("PICCOLOD_PASSWORD"):
         return environ["PICCOLOD_PASSWORD"]
+    if what == "new password" and environ.get("PICCOLOD_NEW_PASSWORD"):
+        return environ["PICCOLOD_NEW_PASSWORD"]
     secret = prompt(f"{what.capitalize()}: ")
     if confirm and prompt(f"Repeat the {what}: ") != secret:
         raise UsageFailure(f"the two {what}s differ")
@@ -609,6 +623,28 @@ async def _command(
             return f"storage {body.get('state')} (logged in)", body
         _, body, _ = await client.request("POST", "/api/v1/storage/unlock", {"password": secret})
         return f"storage {body['state']}", body
+    if command == "password":
+        old = read_password(sub, env, prompt, what="current password")
+        new_file = sub["new-password-file"]
+        new = read_password(
+            {"password-file": new_file} if new_file else {}, env, prompt, "new password", True
+        )
+        _, body, response = await client.request(
+            "POST", "/api/v1/auth/password", {"old_password": old, "new_password": new}
+        )
+        if client.session is not None:
+            cookie = _cookie_of(response) or client.session["cookie"]
+            csrf_token = body.get("csrf_token") or client.session.get("csrf_token", "")
+            save_session(path, client.base, cookie, csrf_token)
+        ended = body.get("sessions_revoked", 0)
+        return f"password changed; {ended} other session(s) ended", body
+    if command == "recovery-key":
+        _, body, _ = await client.request("POST", "/api/v1/auth/recovery-key")
+        text = (
+            "The new recovery key; write it down, it is shown once (the old one no longer "
+            "works):\n\n  " + body["recovery_key"]
+        )
+        return text, body
     if command == "lock":
         _, body, _ = await client.request("POST", "/api/v1/storage/lock")
         return f"storage {body['state']}", body

@@ -206,6 +206,34 @@ class CliAuthTests(SynchronousTestCase):
         self.assertIn("damaged", out)
         self.assertEqual(list(self.home.glob("*.tar*")) + list(self.home.glob(".*.part")), [])
 
+    def test_password_change_and_recovery_key_rotation(self) -> None:
+        """password asks the current one and the new one twice; recovery-key shows a new key."""
+        self.setup_box()
+        new = "an even better passphrase"
+        self.answers = ["not the password", new, new]
+        code, out = self.ctl("password")
+        self.assertEqual(code, EXIT_AUTH, out)
+        self.h.advance(2)  # the storage's delay after a wrong password
+        self.answers = [PASSWORD, new, "typo"]
+        code, out = self.ctl("password")
+        self.assertEqual(code, EXIT_USAGE, out)
+        self.assertIn("differ", out)
+        self.answers = [PASSWORD, new, new]
+        code, out = self.ctl("password")
+        self.assertEqual(code, EXIT_OK, out)
+        self.assertIn("password changed", out)
+        self.assertEqual(self.ctl("leadership")[0], EXIT_OK)  # this session goes on
+        code, out = self.ctl("logout")
+        self.answers = [PASSWORD]
+        self.assertEqual(self.ctl("login")[0], EXIT_AUTH)
+        self.h.advance(4)
+        code, out = self.ctl("login", env={"PICCOLOD_PASSWORD": new})
+        self.assertEqual(code, EXIT_OK, out)
+        code, out = self.ctl("recovery-key")
+        self.assertEqual(code, EXIT_OK, out)
+        words = out.strip().splitlines()[-1].split()
+        self.assertEqual(len(words), 24)
+
     def test_status_works_logged_out(self) -> None:
         """status uses only public routes: state, readiness and who you are."""
         code, out = self.ctl("status")
