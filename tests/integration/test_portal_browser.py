@@ -525,6 +525,61 @@ def test_backup_download_and_restore_a_fresh_box(
     watch.check_clean()
 
 
+def _logs_in(daemon: Daemon, password: str) -> bool | None:
+    """Whether ``password`` logs in now (``None`` while a back-off refuses it: poll again)."""
+    try:
+        Client(daemon.url).login(password)
+    except AssertionError as e:
+        if ": 429 " in str(e):
+            return None
+        raise
+    return True
+
+
+def test_password_change_and_new_recovery_key(daemon: Daemon, browser_context: Any) -> None:
+    """From the dashboard: a wrong current password refused, the password changed, the
+    recovery key replaced (shown once); after logout only the new password logs in."""
+    new_password = "a freshly chosen passphrase"
+    watch = open_portal(browser_context, daemon.url)
+    page = watch.page
+    old_words = setup_through_page(watch, "50-account")
+    page.click("#account summary")
+    page.fill("#password-old", "not the password")
+    page.fill("#password-new", new_password)
+    page.fill("#password-confirm", new_password)
+    page.click("#password-form button[type=submit]")
+    wait_text(page, "#password-error", "Wrong password.")
+    poll(lambda: _logs_in(daemon, PASSWORD), timeout=10, what="the password back-off to end")
+    page.fill("#password-old", PASSWORD)
+    page.fill("#password-new", new_password)
+    page.fill("#password-confirm", new_password)
+    page.click("#password-form button[type=submit]")
+    page.wait_for_selector("#password-status:not([hidden])", timeout=30_000)
+    assert "The password was changed" in (page.text_content("#password-status") or "")
+    # The change gives this session a new cookie; the live stream follows it.
+    page.wait_for_selector("#link-state[data-state=live]", timeout=10_000)
+    watch.shot("50-password-changed")
+
+    page.click("#recovery-rotate")
+    page.click("#recovery-confirm")
+    page.wait_for_selector("#screen-recovery:not([hidden])", timeout=30_000)
+    words = page.eval_on_selector_all("#recovery-words li", "i => i.map(n => n.textContent)")
+    assert len(words) == 24 and words != old_words
+    page.check("#recovery-ack")
+    page.click("#recovery-done")
+    page.wait_for_selector("#screen-dashboard:not([hidden])")
+
+    page.click("#logout")
+    page.wait_for_selector("#screen-login:not([hidden])", timeout=10_000)
+    with pytest.raises(AssertionError, match=": 401 "):
+        Client(daemon.url).login(PASSWORD)
+    poll(lambda: _logs_in(daemon, new_password), timeout=10, what="the back-off to end")
+    page.fill("#login-password", new_password)
+    page.click("#login-form button[type=submit]")
+    page.wait_for_selector("#screen-dashboard:not([hidden])", timeout=30_000)
+    watch.check_clean()
+
+
 def test_session_end_shows_login(make_daemon: Any, browser_context: Any) -> None:
     """When the session times out the page closes its stream and asks for a login again."""
     daemon = make_daemon("\n[subsystems.api]\nsession_idle_timeout = 3.0\n")

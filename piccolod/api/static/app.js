@@ -296,6 +296,9 @@ function bindForms() {
   $("setup-form").addEventListener("submit", onSetup);
   $("restore-form").addEventListener("submit", onRestore);
   $("backup-button").addEventListener("click", onBackup);
+  $("password-form").addEventListener("submit", onPasswordChange);
+  $("recovery-rotate").addEventListener("click", () => $("recovery-dialog").showModal());
+  $("recovery-dialog").addEventListener("close", onRecoveryDialog);
   $("login-form").addEventListener("submit", onLogin);
   $("reset-form").addEventListener("submit", onReset);
   $("unlock-form").addEventListener("submit", onUnlock);
@@ -556,6 +559,45 @@ async function onUnlock(event) {
       setError(error, explain(e));
     }
   });
+}
+
+async function onPasswordChange(event) {
+  event.preventDefault();
+  const error = $("password-error");
+  const status = $("password-status");
+  const password = $("password-new").value;
+  setError(status, "");
+  if (password.length < 8) return setError(error, "The new password needs at least 8 characters.");
+  if (password !== $("password-confirm").value) return setError(error, "The new passwords differ.");
+  setError(error, "");
+  await busy(event.target, async () => {
+    try {
+      const answer = await request("POST", "/auth/password", {
+        old_password: $("password-old").value,
+        new_password: password,
+      });
+      if (answer.csrf_token) csrf.token = answer.csrf_token;
+      $("password-form").reset();
+      const ended = answer.sessions_revoked || 0;
+      setError(status, `The password was changed${ended ? `; ${ended} other session(s) ended` : ""}.`);
+    } catch (e) {
+      setError(error, explain(e));
+    }
+  });
+}
+
+async function onRecoveryDialog() {
+  if ($("recovery-dialog").returnValue !== "rotate") return;
+  const button = $("recovery-rotate");
+  button.disabled = true;
+  try {
+    const answer = await request("POST", "/auth/recovery-key");
+    showRecovery(answer.recovery_key || "");
+  } catch (e) {
+    notice(`Could not replace the recovery key: ${explain(e)}`);
+  } finally {
+    button.disabled = false;
+  }
 }
 
 async function onLockDialog() {
