@@ -362,9 +362,16 @@ async function onSetup(event) {
   });
 }
 
-/** SHA-256 of a file in hex, or null where Web Crypto is missing (plain HTTP off localhost). */
+/** Files up to this size are hashed in the page (Web Crypto digests a whole buffer at once). */
+const HASH_LIMIT = 256 * 1024 * 1024;
+
+/**
+ * SHA-256 of a file in hex, or null where Web Crypto is missing (plain HTTP
+ * off localhost) or the file is too large to hold in memory at once: the
+ * box's manifest check covers every file either way.
+ */
 async function sha256Hex(file) {
-  if (!(window.crypto && crypto.subtle)) return null;
+  if (!(window.crypto && crypto.subtle) || file.size > HASH_LIMIT) return null;
   const digest = await crypto.subtle.digest("SHA-256", await file.arrayBuffer());
   return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
