@@ -16,6 +16,7 @@ Only processes started here are ever signalled, and only by PID.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -27,12 +28,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.integration.apiclient import APIClient, Reply
-from tests.integration.support import Daemon, poll
+from tests.integration.support import REQUIRE, Daemon, poll
 
 T = TypeVar("T")
 
@@ -423,6 +424,35 @@ def wait_renewals(node: PiccolodNode, more: int, timeout: float) -> None:
         timeout,
         f"{more} more confirmed keepalives on {node.name}",
     )
+
+
+@contextlib.contextmanager
+def running_cluster(
+    root: Path, extra: str = ""
+) -> Iterator[tuple[EtcdCluster, list[PiccolodNode]]]:
+    """
+    3 etcd members and 3 daemons (config ``extra``) for one test: skipped without
+    etcd (failed with PICCOLOD_REQUIRE_INTEGRATION=1); afterwards no daemon may have
+    logged a traceback, and everything started is killed by PID.
+    """
+    import pytest
+
+    if not have_etcd():
+        message = "etcd is not installed (apt-get install etcd-server etcd-client)"
+        if REQUIRE:
+            pytest.fail(message + " (PICCOLOD_REQUIRE_INTEGRATION=1)")
+        pytest.skip(message)
+    etcd = EtcdCluster(root / "etcd", size=3).start()
+    nodes: list[PiccolodNode] = []
+    try:
+        nodes = start_nodes(root, etcd.endpoints, extra=extra)
+        yield etcd, nodes
+        for node in nodes:
+            assert "Traceback" not in node.log(), node.log()[-5000:]
+    finally:
+        for node in nodes:
+            node.kill()
+        etcd.stop()
 
 
 def start_nodes(

@@ -53,6 +53,14 @@ def _start(daemons: list[Daemon], root: Path, name: str) -> Daemon:
     return d
 
 
+def _set_up(daemons: list[Daemon], root: Path, name: str) -> tuple[Daemon, APIClient]:
+    """A daemon through first-run setup; its admin client."""
+    d = _start(daemons, root, name)
+    admin = APIClient(d.url)
+    assert admin.post("/api/v1/auth/setup", {"password": PASSWORD}).status == 201
+    return d, admin
+
+
 def _ctl(d: Daemon, home: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     """piccolodctl in a subprocess, with its own session file and the password at hand."""
     env = {
@@ -73,9 +81,7 @@ def test_backup_with_piccolodctl_and_restore_a_fresh_box(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     """export --output on box A, restore on fresh box B, log in on B: the data is there."""
-    a = _start(daemons, tmp_path, "a")
-    admin = APIClient(a.url)
-    assert admin.post("/api/v1/auth/setup", {"password": PASSWORD}).status == 201
+    a, admin = _set_up(daemons, tmp_path, "a")
     written = admin.post(
         "/api/v1/commands/store.settings.set", {"key": "motto", "value": "made it across"}
     )
@@ -117,9 +123,7 @@ def test_kill_9_during_an_upload_leaves_nothing_behind(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     """A half-sent upload dies with its daemon; the restart removes the file; a new one works."""
-    source = _start(daemons, tmp_path, "source")
-    admin = APIClient(source.url)
-    assert admin.post("/api/v1/auth/setup", {"password": PASSWORD}).status == 201
+    _, admin = _set_up(daemons, tmp_path, "source")
     done = admin.post("/api/v1/exports/control")
     bundle = Path(done.body["path"]).read_bytes()
 

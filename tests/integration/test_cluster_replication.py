@@ -39,39 +39,23 @@ from tests.integration.etcd_cluster import (
     commit_log,
     form_cluster,
     get_setting,
-    have_etcd,
     one_leader,
     replication,
     roles,
+    running_cluster,
     set_setting,
-    start_nodes,
     wait_for,
     wait_renewals,
     write_until_accepted,
 )
-from tests.integration.support import REQUIRE
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[EtcdCluster, list[PiccolodNode]]]:
-    if not have_etcd():
-        message = "etcd is not installed (apt-get install etcd-server etcd-client)"
-        if REQUIRE:
-            pytest.fail(message + " (PICCOLOD_REQUIRE_INTEGRATION=1)")
-        pytest.skip(message)
-    etcd = EtcdCluster(tmp_path / "etcd", size=3).start()
-    nodes: list[PiccolodNode] = []
-    try:
-        nodes = start_nodes(tmp_path, etcd.endpoints, extra=FAST_STORAGE)
-        yield etcd, nodes
-        for node in nodes:
-            assert "Traceback" not in node.log(), node.log()[-5000:]
-    finally:
-        for node in nodes:
-            node.kill()
-        etcd.stop()
+    with running_cluster(tmp_path, extra=FAST_STORAGE) as running:
+        yield running
 
 
 def _caught_up(nodes: list[PiccolodNode], acked: dict[str, Any], timeout: float) -> None:

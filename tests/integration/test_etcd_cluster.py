@@ -33,14 +33,12 @@ from tests.integration.etcd_cluster import (
     PiccolodNode,
     failover_round,
     fenced_put,
-    have_etcd,
     one_leader,
     roles,
-    start_nodes,
+    running_cluster,
     wait_for,
     wait_renewals,
 )
-from tests.integration.support import REQUIRE
 
 pytestmark = pytest.mark.integration
 
@@ -49,22 +47,8 @@ ROUNDS = 20
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[EtcdCluster, list[PiccolodNode]]]:
-    if not have_etcd():
-        message = "etcd is not installed (apt-get install etcd-server etcd-client)"
-        if REQUIRE:
-            pytest.fail(message + " (PICCOLOD_REQUIRE_INTEGRATION=1)")
-        pytest.skip(message)
-    etcd = EtcdCluster(tmp_path / "etcd", size=3).start()
-    nodes: list[PiccolodNode] = []
-    try:
-        nodes = start_nodes(tmp_path, etcd.endpoints)
-        yield etcd, nodes
-        for node in nodes:
-            assert "Traceback" not in node.log(), node.log()[-5000:]
-    finally:
-        for node in nodes:
-            node.kill()
-        etcd.stop()
+    with running_cluster(tmp_path) as running:
+        yield running
 
 
 def _types(reply: Any) -> str:
