@@ -124,6 +124,16 @@ def _target(output: str, name: str) -> Path:
     return path
 
 
+async def _answer(client: Any, response: Any) -> dict[str, Any]:
+    """A raw request's JSON answer (or problem) as a dict; other text as its ``detail``."""
+    raw = await client.treq.content(response)
+    try:
+        body = json.loads(raw) if raw else {}
+    except ValueError:
+        return {"detail": raw.decode("utf-8", "replace")}
+    return body if isinstance(body, dict) else {"detail": str(body)}
+
+
 async def download(
     client: Any, kind: str, name: str, output: str, sha256: str | None = None
 ) -> tuple[Path, str, int, int]:
@@ -139,12 +149,7 @@ async def download(
     headers = client.headers("GET", {"accept": "application/x-tar"})
     response = await client.treq.request("GET", url, headers=headers, unbuffered=True)
     if response.code >= 400:
-        raw = await client.treq.content(response)
-        try:
-            problem = json.loads(raw)
-        except ValueError:
-            problem = {"detail": raw.decode("utf-8", "replace")}
-        raise ApiError(response.code, problem if isinstance(problem, dict) else {})
+        raise ApiError(response.code, await _answer(client, response))
     part = target.with_name(f".{target.name}.part")
     digest = hashlib.sha256()
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -249,13 +254,12 @@ async def run_restore(client: Any, sub: Any) -> tuple[str, Any]:
             response = await client.treq.request(
                 "PUT", f"{base}?offset={offset}", headers=headers, data=data
             )
-            raw = await client.treq.content(response)
-            body = json.loads(raw) if raw else {}
+            body = await _answer(client, response)
             if response.code == 409 and isinstance(body.get("received"), int):
                 offset = body["received"]  # resume from what the box has
                 continue
             if response.code >= 400:
-                raise ApiError(response.code, body if isinstance(body, dict) else {})
+                raise ApiError(response.code, body)
             offset = int(body["received"])
     _, done, _ = await client.request("POST", f"/api/v1/storage/restore/{upload}/finish")
     files = sum(1 for entry in manifest["files"] if entry["type"] == "file")

@@ -42,22 +42,14 @@ import attrs
 from twisted.internet.interfaces import IDelayedCall
 from twisted.web.server import Request
 
-from piccolod.commands import Command, CommandContext, GetStorageStatus, ImportBundle, Result
-from piccolod.errors import (
-    Conflict,
-    InvalidCommand,
-    NotFound,
-    TooLarge,
-    Unavailable,
-    UnknownCommand,
-)
-from piccolod.kernel.runtime import Kernel
+from piccolod.commands import ImportBundle
+from piccolod.errors import Conflict, InvalidCommand, NotFound, TooLarge
 
-from .http import Router
+from .http import JSONResponse, Router
+from .routes import SYSTEM, APIContext
 
 __all__ = ["RestoreUploads", "restore_routes"]
 
-SUBJECT = "system:api"
 #: Room left on the disk besides the upload (the import needs as much again).
 SPARE_BYTES = 64 * 1024 * 1024
 SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
@@ -177,21 +169,13 @@ class RestoreUploads:
 
 
 def restore_routes(
-    router: Router, kernel: Kernel, uploads: RestoreUploads, chunk_size: int
+    router: Router, api: APIContext, uploads: RestoreUploads, chunk_size: int
 ) -> None:
     """Add the restore routes (see the module docstring) to ``router``."""
     tags = ("storage",)
 
-    async def dispatch(request: Request, command: Command) -> Result:
-        context = CommandContext(subject=SUBJECT, source="api")
-        try:
-            return await kernel.dispatcher.dispatch(command, context)
-        except UnknownCommand:
-            raise Unavailable(f"nothing handles {command.name}: is persistence running?") from None
-
     async def fresh(request: Request) -> None:
-        status = await dispatch(request, GetStorageStatus())
-        if status.to_json().get("initialized"):
+        if (await api.status(request)).get("initialized"):
             raise Conflict("storage is set up already: a restore needs a fresh box")
 
     progress = {
@@ -237,8 +221,6 @@ def restore_routes(
         tags=tags,
     )
     async def open_upload(request: Request, body: dict[str, Any]) -> Any:
-        from .http import JSONResponse
-
         await fresh(request)
         upload = uploads.open(body["size"], body.get("sha256"))
         return JSONResponse(
@@ -311,15 +293,16 @@ def restore_routes(
         await fresh(request)
         done = uploads.complete(upload)
         try:
-            imported = await dispatch(request, ImportBundle(path=str(done.path)))
+            imported = await api.dispatch(
+                request, ImportBundle(path=str(done.path)), subject=SYSTEM
+            )
         finally:
             done.path.unlink(missing_ok=True)
-        status = await dispatch(request, GetStorageStatus())
         answer = imported.to_json()
         return {
             "kind": answer.get("kind"),
             "files": answer.get("files"),
-            "state": status.to_json().get("state"),
+            "state": (await api.status(request)).get("state"),
         }
 
     @router.route(

@@ -533,7 +533,7 @@ class APIService(Service):  # type: ignore[misc]
         cluster_routes(router, kernel, api)
         remote_routes(router, kernel)
         uploads = RestoreUploads(kernel.state_dir / "restore", clock)
-        restore_routes(router, kernel, uploads, chunk_size=int(config["max_body"]))
+        restore_routes(router, api, uploads, chunk_size=int(config["max_body"]))
         if config["portal"]:
             from .portal import portal_routes
 
