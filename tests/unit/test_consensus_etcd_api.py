@@ -60,15 +60,20 @@ def _get(router: Router, flush: Any = None) -> tuple[int, Any]:
     return response.code, json.loads(body)
 
 
+def _settled_node(test: SynchronousTestCase) -> tuple[World, Any, Any]:
+    """Three nodes on the fake etcd after their first election; node 1 and its kernel."""
+    world = World(3)
+    world.start()
+    world.advance(1.5)
+    test.addCleanup(world.stop_all)
+    node = world.nodes[1]
+    return world, node, _kernel(node.registry, node.dispatcher, node.clock, node.bus)
+
+
 class ClusterRouteTests(SynchronousTestCase):
     def test_etcd_variant_answers(self) -> None:
         """With consensus=etcd the route shows every member and the resources' terms."""
-        world = World(3)
-        world.start()
-        world.advance(1.5)
-        self.addCleanup(world.stop_all)
-        node = world.nodes[1]
-        kernel = _kernel(node.registry, node.dispatcher, node.clock, node.bus)
+        world, node, kernel = _settled_node(self)
         router = Router(clock=node.clock)
         cluster_routes(router, kernel)
         code, body = _get(router, world.etcd.pump)
@@ -266,12 +271,7 @@ class JoinRouteTests(SynchronousTestCase):
 class ClusterCliTests(SynchronousTestCase):
     def test_cluster_status_and_join(self) -> None:
         """piccolodctl cluster shows members, roles and lag; cluster join posts the password."""
-        world = World(3)
-        world.start()
-        world.advance(1.5)
-        self.addCleanup(world.stop_all)
-        node = world.nodes[1]
-        kernel = _kernel(node.registry, node.dispatcher, node.clock, node.bus)
+        world, node, kernel = _settled_node(self)
         joined: list[str] = []
 
         def join(command: JoinCluster, context: Any) -> StorageStatus:

@@ -473,18 +473,26 @@ class LeaderWriteTests(ReplicationCase):
         self.assertEqual(self.cluster.head(), a.service.info().revision)
         self.assertEqual(self.cluster.log[-1].checksum, a.service.info().checksum)
 
-    def test_unsynced_leader_refuses_writes_until_caught_up(self) -> None:
-        """A new leader answers writes with a retryable Unavailable until it has every commit."""
+    def handover_with_a_failed_catch_up(self, backoff: float | None = None) -> tuple[Node, Node]:
+        """Leadership passes from a to the joined b, whose first catch-up read fails."""
         a = self.leader()
         b = self.joined()
         a.populate()
         b.settle()
         a.lead(False, leader_id="b")
         a.settle()
-        self.cluster.read_failures = 1
+        assert b.service.sync is not None
+        if backoff is not None:
+            b.service.sync.backoff_initial = backoff
+        self.cluster.read_failures = 1  # its first catch-up fails: writes are refused
         b.lead(True)
         b.settle()
-        self.assertFalse(b.service.sync.synced)  # type: ignore[union-attr]
+        self.assertFalse(b.service.sync.synced)
+        return a, b
+
+    def test_unsynced_leader_refuses_writes_until_caught_up(self) -> None:
+        """A new leader answers writes with a retryable Unavailable until it has every commit."""
+        a, b = self.handover_with_a_failed_catch_up()
         failure = self.failureResultOf(b.service.settings.set("k", 1), Unavailable)
         self.assertTrue(is_retryable(failure))
         self.clock.advance(1)  # the backoff retry
@@ -499,18 +507,8 @@ class LeaderWriteTests(ReplicationCase):
         store.settings.set sent to a new leader still catching up succeeds once it has
         caught up: the dispatcher retries the store's idempotent writes.
         """
-        a = self.leader()
-        b = self.joined()
-        a.populate()
-        b.settle()
-        a.lead(False, leader_id="b")
-        a.settle()
+        a, b = self.handover_with_a_failed_catch_up(backoff=0.01)
         assert b.service.sync is not None
-        b.service.sync.backoff_initial = 0.01
-        self.cluster.read_failures = 1  # its first catch-up fails: writes are refused
-        b.lead(True)
-        b.settle()
-        self.assertFalse(b.service.sync.synced)
         d = b.dispatcher.dispatch(StoreSetSetting("k", {"v": 1}))
         self.assertNoResult(d)  # refused (retryable), retried on the dispatcher's backoff
         for _ in range(10):
